@@ -1,0 +1,166 @@
+"""Engine: load a bundle once, then answer many queries with ONNX Runtime and hnswlib."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from mmdemo.bundle import BundleError, read_manifest
+from mmdemo.index import VectorIndex
+from mmdemo.preprocess import PreprocessSpec, preprocess
+from mmdemo.text import TextTokenizer
+
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+_cuda_failed = False  # set once CUDA was asked for and did not load: stop asking
+
+
+def open_session(path: Path, providers: list[str] | None = None) -> ort.InferenceSession:
+    """An ORT session on CUDA where that provider is present and actually loads, else CPU.
+
+    onnxruntime-gpu lists CUDA even on machines with no GPU and then falls back to CPU, logging
+    errors; the first attempt is made quietly and its outcome read back with `get_providers()`.
+    """
+    global _cuda_failed
+    if providers is None:
+        want_cuda = CUDA in ort.get_available_providers() and not _cuda_failed
+        providers = [CUDA, CPU] if want_cuda else [CPU]
+    opts = ort.SessionOptions()
+    if CUDA in providers:
+        ort.set_default_logger_severity(4)  # the fallback on a GPU-less machine is not news
+        try:
+            sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        finally:
+            ort.set_default_logger_severity(2)
+        if CUDA not in sess.get_providers():
+            _cuda_failed = True
+        return sess
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+
+
+@dataclass
+class ImageHit:
+    id: int
+    score: float
+    image: str  # path of the gallery thumbnail
+    captions: list[str]
+
+
+@dataclass
+class CaptionHit:
+    id: int
+    score: float
+    text: str
+    image_id: int
+
+
+class Engine:
+    """The one object the app talks to. Build with `Engine.load(bundle_dir)`."""
+
+    def __init__(self, root: Path, manifest: dict, sessions: dict[str, ort.InferenceSession],
+                 tokenizer: TextTokenizer, spec: PreprocessSpec, indexes: dict[str, VectorIndex],
+                 gallery: dict[int, dict], captions: dict[int, tuple[str, int]]):
+        self.root, self.manifest, self.sessions = root, manifest, sessions
+        self.tokenizer, self.spec, self.indexes = tokenizer, spec, indexes
+        self.gallery, self.captions = gallery, captions
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, root: Path | str, providers: list[str] | None = None) -> Engine:
+        """Check the bundle's format and hashes, open its sessions and indexes."""
+        root = Path(root)
+        manifest = read_manifest(root)
+        sessions = {}
+        for role, info in manifest["models"].items():
+            sessions[role] = open_session(root / info["file"], providers)
+        tok = manifest["tokenizer"]
+        tokenizer = TextTokenizer.from_file(root / tok["file"], tok["max_length"],
+                                            tok["pad_token"])
+        spec = PreprocessSpec.from_dict(manifest["preprocess"])
+        files = manifest["files"]
+        indexes = {}
+        for name, info in manifest["indexes"].items():
+            indexes[name] = VectorIndex.load(root / info["file"],
+                                             encoder_sha256=files[manifest["models"][
+                                                 info["encoder"]]["file"]])
+        gal = json.loads((root / manifest["gallery"]["file"]).read_text())
+        gallery = {int(it["id"]): it for it in gal["items"]}
+        captions = {int(cid): (text, int(it["id"])) for it in gal["items"]
+                    for cid, text in zip(it["caption_ids"], it["captions"])}
+        for name, idx in indexes.items():
+            want = len(gallery) if name == "images" else len(captions)
+            if len(idx) != want:
+                raise BundleError(f"index {name} holds {len(idx)} items; the gallery has {want}")
+        return cls(root, manifest, sessions, tokenizer, spec, indexes, gallery, captions)
+
+    @property
+    def providers(self) -> dict[str, str]:
+        """The execution provider each model runs on, as ORT reports it."""
+        return {role: s.get_providers()[0] for role, s in self.sessions.items()}
+
+    @property
+    def provider(self) -> str:
+        return sorted(set(self.providers.values()))[0]
+
+    # ------------------------------------------------------------------ encoders
+
+    def encode_images(self, images: list) -> np.ndarray:
+        """float32 (N, D), L2-normalised, from PIL images or uint8 arrays."""
+        if not images:
+            raise ValueError("no images given")
+        x = preprocess(images, self.spec)
+        return self.sessions["image_encoder"].run(None, {"image": x})[0]
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """float32 (N, D), L2-normalised."""
+        texts = [str(t).strip() for t in texts]
+        if not texts or any(not t for t in texts):
+            raise ValueError("empty text; type a description such as 'a red circle'")
+        ids, mask = self.tokenizer(texts)
+        return self.sessions["text_encoder"].run(None, {"input_ids": ids,
+                                                        "attention_mask": mask})[0]
+
+    # ------------------------------------------------------------------ search
+
+    def _image_hits(self, q: np.ndarray, k: int) -> list[ImageHit]:
+        ids, scores = self.indexes["images"].search(q, k)
+        root = self.root
+        return [ImageHit(int(i), float(s), str(root / self.gallery[int(i)]["file"]),
+                         self.gallery[int(i)]["captions"]) for i, s in zip(ids[0], scores[0])]
+
+    def search_by_text(self, text: str, k: int = 10) -> list[ImageHit]:
+        """Gallery images that best match a text."""
+        return self._image_hits(self.encode_texts([text]), k)
+
+    def search_by_image(self, image, k: int = 10) -> list[ImageHit]:
+        """Gallery images closest to an image."""
+        return self._image_hits(self.encode_images([image]), k)
+
+    def search_captions(self, image, k: int = 10) -> list[CaptionHit]:
+        """Gallery captions that best describe an image."""
+        ids, scores = self.indexes["captions"].search(self.encode_images([image]), k)
+        return [CaptionHit(int(i), float(s), *self.captions[int(i)])
+                for i, s in zip(ids[0], scores[0])]
+
+    def search_composed(self, image, text: str, alpha: float = 0.5, k: int = 10
+                        ) -> list[ImageHit]:
+        """Images matching z = alpha * f_img(image) + (1 - alpha) * f_txt(text), renormalised."""
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha is {alpha}; expected a weight in [0, 1]")
+        z = alpha * self.encode_images([image]) + (1.0 - alpha) * self.encode_texts([text])
+        z /= np.linalg.norm(z, axis=1, keepdims=True) + 1e-12
+        return self._image_hits(z, k)
+
+    def gallery_image(self, item_id: int) -> Image.Image:
+        if item_id not in self.gallery:
+            raise KeyError(f"no gallery item with id {item_id}")
+        return Image.open(self.root / self.gallery[item_id]["file"]).convert("RGB")
