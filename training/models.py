@@ -1,0 +1,198 @@
+"""Dual encoder: image and text encoders with projection heads into one joint space.
+
+Reads bottom-up: blocks, encoders, the dual model, then the registries and builder.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- image side
+
+
+def conv_bn(cin: int, cout: int, stride: int = 1, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SmallCNN(nn.Module):
+    """A small CNN for 64x64 scenes. The final 8x8 map is flattened, not pooled, so the
+    features keep where things are (needed for left of / above)."""
+
+    def __init__(self, image_size: int = 64, width: int = 32, out_dim: int = 256):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            conv_bn(3, w, 2, k=5),  # (B, w, S/2, S/2)
+            conv_bn(w, w),
+            conv_bn(w, 2 * w, 2),  # (B, 2w, S/4, S/4)
+            conv_bn(2 * w, 2 * w),
+            conv_bn(2 * w, 4 * w, 2),  # (B, 4w, S/8, S/8)
+            conv_bn(4 * w, 4 * w),
+        )
+        self.reduce = nn.Conv2d(4 * w, w, 1)  # keep the flattened map small
+        side = image_size // 8
+        self.fc = nn.Sequential(nn.Linear(w * side * side, out_dim), nn.ReLU(inplace=True))
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.reduce(self.features(x))
+        return self.fc(x.flatten(1))  # (B, out_dim)
+
+
+class TorchvisionResNet50(nn.Module):
+    """ResNet-50 from torchvision without its classifier; `weights` is None or a torchvision
+    weights name such as "IMAGENET1K_V2" (downloaded by torchvision the first time)."""
+
+    def __init__(self, weights: str | None = None):
+        super().__init__()
+        from torchvision.models import resnet50
+
+        net = resnet50(weights=weights)
+        net.fc = nn.Identity()
+        self.net, self.out_dim = net, 2048
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+# ----------------------------------------------------------------------------- text side
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a key padding mask, written with plain ops so that it
+    exports to ONNX with dynamic batch and sequence length."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.scale = heads, 1.0 / math.sqrt(dim // heads)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, N, d/H)
+        att = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, N, N)
+        att = att.masked_fill(mask[:, None, None, :] == 0, -1e4)
+        y = att.softmax(-1) @ v  # (B, H, N, d/H)
+        return self.proj(y.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(dim), SelfAttention(dim, heads)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), mask)
+        return x + self.mlp(self.ln2(x))
+
+
+class SmallTransformer(nn.Module):
+    """A pre-norm transformer over token ids; the output is the first ([CLS]) token."""
+
+    def __init__(self, vocab_size: int, dim: int = 128, layers: int = 2, heads: int = 4,
+                 max_length: int = 32):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Parameter(torch.zeros(max_length, dim))
+        # Same scale for words and positions: with nn.Embedding's default N(0, 1) the positions
+        # drown and the encoder reads a bag of words ("red circle, blue square" == swapped).
+        nn.init.normal_(self.tok.weight, std=0.02)
+        nn.init.normal_(self.pos, std=0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(dim)
+        self.out_dim = dim
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.tok(ids) + self.pos[: ids.shape[1]]  # (B, L, dim)
+        for blk in self.blocks:
+            x = blk(x, mask)
+        return self.ln(x[:, 0])
+
+
+class HFTextModel(nn.Module):
+    """A transformers BERT-family model by hub name or local path, mean-pooled over the mask."""
+
+    def __init__(self, name_or_path: str):
+        super().__init__()
+        from transformers import AutoModel
+
+        self.net = AutoModel.from_pretrained(name_or_path)
+        self.out_dim = self.net.config.hidden_size
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.net(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, H)
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------- dual model
+
+
+class DualEncoder(nn.Module):
+    """encode_image / encode_text return L2-normalised (B, embed_dim) vectors."""
+
+    def __init__(self, image_backbone: nn.Module, text_backbone: nn.Module, embed_dim: int,
+                 init_temperature: float = 0.07):
+        super().__init__()
+        self.image_backbone, self.text_backbone = image_backbone, text_backbone
+        self.image_proj = nn.Linear(image_backbone.out_dim, embed_dim)
+        self.text_proj = nn.Linear(text_backbone.out_dim, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(self.image_backbone(x)), dim=-1)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(self.text_backbone(ids, mask)), dim=-1)
+
+
+@dataclass
+class ModelConfig:
+    image_encoder: str = "small_cnn"  # small_cnn | resnet50
+    image_weights: str | None = None  # resnet50 only: None or a torchvision weights name
+    image_size: int = 64  # input side in pixels
+    cnn_width: int = 32  # small_cnn base channels
+    text_encoder: str = "small_transformer"  # small_transformer | hf
+    hf_model: str | None = None  # hf only: model name or local path (BERT family)
+    text_dim: int = 128  # small_transformer width
+    text_layers: int = 2  # small_transformer depth
+    text_heads: int = 4  # small_transformer heads
+    max_length: int = 32  # longest token sequence
+    vocab_size: int = 0  # set from the tokenizer
+    embed_dim: int = 128  # joint space dimension
+
+
+IMAGE_ENCODERS = {
+    "small_cnn": lambda c: SmallCNN(c.image_size, c.cnn_width),
+    "resnet50": lambda c: TorchvisionResNet50(c.image_weights),
+}
+TEXT_ENCODERS = {
+    "small_transformer": lambda c: SmallTransformer(c.vocab_size, c.text_dim, c.text_layers,
+                                                    c.text_heads, c.max_length),
+    "hf": lambda c: HFTextModel(c.hf_model),
+}
+
+
+def build_model(cfg: ModelConfig) -> DualEncoder:
+    if cfg.image_encoder not in IMAGE_ENCODERS:
+        raise ValueError(f"image_encoder {cfg.image_encoder!r}; expected one of "
+                         f"{sorted(IMAGE_ENCODERS)}")
+    if cfg.text_encoder not in TEXT_ENCODERS:
+        raise ValueError(f"text_encoder {cfg.text_encoder!r}; expected one of "
+                         f"{sorted(TEXT_ENCODERS)}")
+    if cfg.text_encoder == "hf" and not cfg.hf_model:
+        raise ValueError("text_encoder 'hf' needs hf_model: a model name or local path")
+    if cfg.image_encoder == "small_cnn" and cfg.image_size % 8:
+        raise ValueError(f"image_size {cfg.image_size} must be a multiple of 8 for small_cnn")
+    return DualEncoder(IMAGE_ENCODERS[cfg.image_encoder](cfg), TEXT_ENCODERS[cfg.text_encoder](cfg),
+                       cfg.embed_dim)
