@@ -1,0 +1,253 @@
+"""Export a trained run to a bundle: ONNX graphs checked against PyTorch, gallery, indexes,
+manifest. `export_bundle(run_dir, out_dir)` does the work; `python -m export` calls it."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+from PIL import Image
+from tqdm import tqdm
+
+from mmdemo.bundle import atomic_dir, sha256_file, write_manifest
+from mmdemo.engine import open_session
+from mmdemo.index import VectorIndex
+from mmdemo.preprocess import PreprocessSpec
+from mmdemo.text import TextTokenizer
+from training.data.coco import CaptionSet, load_captions, load_shapes_split
+from training.data.transforms import load_images
+from training.evaluate import evaluate_all, flatten_captions
+from training.models import DualEncoder
+from training.train import embed_images, embed_texts, load_run
+
+OPSET = 17
+MAX_ABS_DIFF = 1e-4  # ORT vs PyTorch, per embedding component
+MIN_COSINE = 0.9999  # ORT vs PyTorch, per embedding
+MAX_RECALL_GAP = 0.005  # bundle (ORT + hnswlib) vs PyTorch exact search: 0.5 points
+THUMBNAIL = 256  # longest side of gallery images
+PACKAGES = ["torch", "torchvision", "onnx", "onnxruntime-gpu", "onnxruntime", "tokenizers",
+            "transformers", "hnswlib", "numpy", "pillow", "gradio", "pycocotools"]
+
+
+class ExportError(RuntimeError):
+    """An exported graph does not reproduce PyTorch, or the bundle's metrics drift."""
+
+
+class ImageEncoderOnnx(nn.Module):
+    """image float32 (N, 3, S, S) -> embedding float32 (N, D), L2-normalised."""
+
+    def __init__(self, model: DualEncoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(image)
+
+
+class TextEncoderOnnx(nn.Module):
+    """input_ids int64 (N, L), attention_mask int64 (N, L) -> embedding float32 (N, D)."""
+
+    def __init__(self, model: DualEncoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(input_ids, attention_mask)
+
+
+def export_onnx(module: nn.Module, args: tuple, names: list[str], dynamic: dict, path: Path
+                ) -> Path:
+    """One graph, weights inside, dynamic axes as given; checked with onnx.checker (full)."""
+    torch.onnx.export(module.eval(), args, str(path), input_names=names,
+                      output_names=["embedding"], dynamic_axes=dynamic, opset_version=OPSET,
+                      dynamo=False)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    return path
+
+
+def io_spec(path: Path) -> dict:
+    """Inputs and outputs of a graph: name, dtype, shape with dynamic axes named."""
+    g = onnx.load(str(path)).graph
+
+    def one(v):
+        t = v.type.tensor_type
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
+
+    return {"inputs": [one(v) for v in g.input], "outputs": [one(v) for v in g.output]}
+
+
+def compare(name: str, ref: np.ndarray, got: np.ndarray) -> dict:
+    """Max abs diff and min cosine of ORT against PyTorch; raises ExportError past the limits."""
+    diff = float(np.abs(ref - got).max())
+    cos = float(((ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+                                       + 1e-12)).min())
+    if diff > MAX_ABS_DIFF or cos < MIN_COSINE:
+        raise ExportError(f"{name}: ONNX Runtime differs from PyTorch: max abs diff {diff:.2e} "
+                          f"(limit {MAX_ABS_DIFF:.0e}), min cosine {cos:.6f} (limit {MIN_COSINE})")
+    return {"max_abs_diff": diff, "min_cosine": cos, "batch": len(ref)}
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def load_gallery_split(meta: dict, data: str | None, split: str) -> CaptionSet:
+    """The captions the gallery is made of: a shapes-world split, or COCO val as configured."""
+    tc = meta["train_config"]
+    if data is None and tc.get("val_captions"):
+        return load_captions(tc["val_captions"], tc["val_images"], limit=tc.get("limit_val"))
+    return load_shapes_split(data or tc["data"], split)
+
+
+def write_gallery(data: CaptionSet, out: Path) -> dict:
+    """gallery/<id>.png thumbnails and gallery.json; returns the manifest entry."""
+    (out / "gallery").mkdir()
+    items = []
+    for image_id, path, caps in tqdm(zip(data.image_ids, data.paths(), data.captions),
+                                     total=len(data), desc="gallery", unit="img", leave=False):
+        rel = f"gallery/{image_id}.png"
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if max(im.size) > THUMBNAIL:
+                im.thumbnail((THUMBNAIL, THUMBNAIL))
+            im.save(out / rel)
+        items.append({"id": image_id, "file": rel, "caption_ids": [c[0] for c in caps],
+                      "captions": [c[1] for c in caps]})
+    (out / "gallery.json").write_text(json.dumps({"items": items}))
+    return {"file": "gallery.json", "count": len(items),
+            "captions": sum(len(c) for c in data.captions)}
+
+
+def export_bundle(run_dir: Path | str, out_dir: Path | str, data: str | None = None,
+                  split: str = "test") -> Path:
+    """Write the bundle of a trained run to out_dir (atomically); returns out_dir.
+
+    The gallery is `split` of the shapes-world folder `data` (default: the run's own data), or
+    the run's COCO validation captions when it was trained on COCO.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    model, meta = load_run(run_dir)
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    tok_cfg = meta["tokenizer"]
+    tok = TextTokenizer.from_file(run_dir / "tokenizer.json", tok_cfg["max_length"])
+    gal = load_gallery_split(meta, data, split)
+    images = load_images(gal.paths(), spec, "gallery images")
+    texts, rows, _ = flatten_captions(gal)
+    cap_ids = np.array([c[0] for caps in gal.captions for c in caps], dtype=np.int64)
+    img_ids = np.array(gal.image_ids, dtype=np.int64)
+
+    with atomic_dir(out_dir) as tmp:
+        # 1. graphs, traced at batch 2, checked at other batch sizes and lengths
+        print("exporting ONNX graphs ...", flush=True)
+        ids2, mask2 = tok(texts[:2])
+        export_onnx(ImageEncoderOnnx(model), (images[:2],), ["image"],
+                    {"image": {0: "batch"}, "embedding": {0: "batch"}}, tmp / "image_encoder.onnx")
+        export_onnx(TextEncoderOnnx(model), (torch.from_numpy(ids2), torch.from_numpy(mask2)),
+                    ["input_ids", "attention_mask"],
+                    {"input_ids": {0: "batch", 1: "length"},
+                     "attention_mask": {0: "batch", 1: "length"}, "embedding": {0: "batch"}},
+                    tmp / "text_encoder.onnx")
+        sess_i = open_session(tmp / "image_encoder.onnx")
+        sess_t = open_session(tmp / "text_encoder.onnx")
+
+        def ort_images(x: torch.Tensor, bs: int = 256) -> np.ndarray:
+            return np.concatenate([sess_i.run(None, {"image": x[i: i + bs].numpy()})[0]
+                                   for i in range(0, len(x), bs)])
+
+        def ort_texts(t: list[str], bs: int = 256) -> np.ndarray:
+            out = []
+            for i in range(0, len(t), bs):
+                ids, mask = tok(t[i: i + bs])
+                out.append(sess_t.run(None, {"input_ids": ids, "attention_mask": mask})[0])
+            return np.concatenate(out)
+
+        # 2. parity on batch sizes and lengths other than the traced ones
+        probe_texts = sorted(set(texts), key=len)
+        probe_texts = probe_texts[:3] + probe_texts[-4:]  # shortest and longest: new lengths
+        parity = {
+            "image_encoder": compare("image_encoder", embed_images(model, images[:5]),
+                                     ort_images(images[:5])),
+            "text_encoder": compare("text_encoder", embed_texts(model, tok, probe_texts),
+                                    ort_texts(probe_texts)),
+        }
+        print(f"parity ok: {parity}", flush=True)
+
+        # 3. embeddings through ONNX Runtime, indexes with explicit ids
+        img_emb, txt_emb = ort_images(images), ort_texts(texts)
+        enc_i = sha256_file(tmp / "image_encoder.onnx")
+        enc_t = sha256_file(tmp / "text_encoder.onnx")
+        index_i = VectorIndex(img_emb.shape[1], len(img_emb), enc_i)
+        index_i.add(img_emb, img_ids)
+        index_i.save(tmp / "index_images.bin")
+        index_c = VectorIndex(txt_emb.shape[1], len(txt_emb), enc_t)
+        index_c.add(txt_emb, cap_ids)
+        index_c.save(tmp / "index_captions.bin")
+
+        # 4. metrics: PyTorch exact search vs the bundle (ORT embeddings + hnswlib)
+        print("evaluating PyTorch and the bundle ...", flush=True)
+        row_of_img = {int(i): r for r, i in enumerate(img_ids)}
+        row_of_cap = {int(i): r for r, i in enumerate(cap_ids)}
+
+        def t2i(q, k):
+            return np.vectorize(row_of_img.get)(index_i.search(q, k)[0])
+
+        def i2t(q, k):
+            return np.vectorize(row_of_cap.get)(index_c.search(q, k)[0])
+
+        m_torch = evaluate_all(gal, lambda r: embed_images(model, images[r]),
+                               lambda t: embed_texts(model, tok, t))
+        m_bundle = evaluate_all(gal, lambda r: img_emb[r], ort_texts, t2i=t2i, i2t=i2t)
+        gaps = {k: abs(m_bundle[k] - m_torch[k]) for k in m_torch if "R@" in k}
+        worst = max(gaps, key=gaps.get)
+        if gaps[worst] > MAX_RECALL_GAP:
+            raise ExportError(f"bundle {worst} = {m_bundle[worst]:.4f} but PyTorch gives "
+                              f"{m_torch[worst]:.4f}: more than {MAX_RECALL_GAP * 100} points")
+
+        # 5. the rest of the bundle
+        shutil.copy(run_dir / "tokenizer.json", tmp / "tokenizer.json")
+        for name in ("curves.png", "metrics.csv"):
+            if (run_dir / name).is_file():
+                shutil.copy(run_dir / name, tmp / name)
+        gallery = write_gallery(gal, tmp)
+        manifest = {
+            "name": Path(out_dir).name,
+            "packages": package_versions(),
+            "model_config": meta["model_config"],
+            "train_config": meta["train_config"],
+            "trained_epochs": meta["epoch"],
+            "preprocess": spec.to_dict(),
+            "tokenizer": {"file": "tokenizer.json", **tok.settings()},
+            "models": {
+                "image_encoder": {"file": "image_encoder.onnx", "opset": OPSET,
+                                  **io_spec(tmp / "image_encoder.onnx")},
+                "text_encoder": {"file": "text_encoder.onnx", "opset": OPSET,
+                                 **io_spec(tmp / "text_encoder.onnx")},
+            },
+            "indexes": {
+                "images": {"file": "index_images.bin", "encoder": "image_encoder",
+                           "count": len(index_i), "ids": "gallery image ids"},
+                "captions": {"file": "index_captions.bin", "encoder": "text_encoder",
+                             "count": len(index_c), "ids": "gallery caption ids"},
+            },
+            "gallery": {**gallery, "split": split},
+            "curves": "curves.png" if (tmp / "curves.png").is_file() else None,
+            "metrics": {"split": split, "bundle": m_bundle, "torch": m_torch,
+                        "parity": parity, "val_last_epoch": meta.get("metrics", {})},
+        }
+        write_manifest(tmp, manifest)
+    print(f"bundle written to {out_dir}", flush=True)
+    return out_dir
