@@ -1,0 +1,254 @@
+"""mmdemo in the browser: retrieval over an exported bundle, served with ONNX Runtime.
+
+    python app.py                      # builds the default bundle on first start, then serves
+    python app.py --bundle PATH --share
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from pathlib import Path
+
+# No phoning home: set before gradio is imported (python app.py and test servers alike).
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+import gradio as gr  # noqa: E402
+
+from mmdemo import BundleError, Engine  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_BUNDLE = ROOT / "bundles" / "shapes-default"
+EXAMPLES = ROOT / "examples"
+EXAMPLE_TEXTS = [
+    "a red circle",
+    "a small blue square left of a large yellow star",
+    "two shapes: a green triangle and a white hexagon",
+    "the purple star is above the orange circle",
+    "on the left is a gray hexagon, on the right a red square",
+]
+
+_engine: Engine | None = None
+_bundle_path: Path = Path(os.environ.get("MMDEMO_BUNDLE", DEFAULT_BUNDLE))
+_engine_lock = threading.Lock()
+
+
+def load_engine() -> Engine:
+    """The Engine of the configured bundle, loaded once on first use."""
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            try:
+                _engine = Engine.load(_bundle_path)
+            except BundleError as e:
+                raise gr.Error(f"cannot load the bundle: {e}") from e
+        return _engine
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+def _need_image(image):
+    if image is None:
+        raise gr.Error("Upload an image first (or pick one of the examples).")
+    return image
+
+
+def _need_text(text: str | None) -> str:
+    if text is None or not str(text).strip():
+        raise gr.Error("Type a description first, e.g. 'a red circle left of a blue square'.")
+    if len(text) > 500:
+        raise gr.Error(f"The text is {len(text)} characters long; keep it under 500.")
+    return str(text).strip()
+
+
+def _gallery(hits) -> tuple[list[tuple[str, str]], list[int]]:
+    items = [(h.image, f"{h.score:.3f} · {h.captions[0]}") for h in hits]
+    return items, [h.id for h in hits]
+
+
+def search_by_text(text: str, k: float = 12):
+    """Text -> gallery images, best first, each with its score and first caption."""
+    return _gallery(load_engine().search_by_text(_need_text(text), int(k)))
+
+
+def search_by_image(image, k: float = 12):
+    """Image -> the closest gallery images."""
+    return _gallery(load_engine().search_by_image(_need_image(image), int(k)))
+
+
+def search_captions(image, k: float = 10) -> list[list]:
+    """Image -> the gallery captions that describe it best.
+
+    Rows of [rank, score, caption, image id].
+    """
+    hits = load_engine().search_captions(_need_image(image), int(k))
+    return [[r + 1, round(h.score, 4), h.text, h.image_id] for r, h in enumerate(hits)]
+
+
+def search_composed(image, text: str, alpha: float = 0.5, k: float = 12):
+    """Image + text fused as z = a*f_img + (1-a)*f_txt -> gallery images."""
+    return _gallery(load_engine().search_composed(_need_image(image), _need_text(text),
+                                                  float(alpha), int(k)))
+
+
+def about() -> tuple[str, str | None]:
+    """The manifest in words and the training curves."""
+    e = load_engine()
+    m = e.manifest
+    mc, tc = m["model_config"], m["train_config"]
+    b = m["metrics"]["bundle"]
+    rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in b.items() if isinstance(v, float))
+    text = (
+        f"### Bundle `{m['name']}`\n\n"
+        f"- **Execution provider:** `{e.provider}`\n"
+        f"- **Image encoder:** {mc['image_encoder']} ({mc['image_size']} px), "
+        f"**text encoder:** {mc['text_encoder']}, joint space d = {mc['embed_dim']}\n"
+        f"- **Loss:** {tc['loss']} (hard negatives per image: {tc['hard_negatives']}), "
+        f"{m['trained_epochs']} epochs, seed {tc['seed']}\n"
+        f"- **Data:** {tc['train_captions'] or tc['data']}; gallery: {m['gallery']['count']} "
+        f"images, {m['gallery']['captions']} captions ({m['gallery']['split']} split)\n"
+        f"- **Packages:** " + ", ".join(f"{k} {v}" for k, v in m["packages"].items()) + "\n\n"
+        f"#### Metrics on the {m['metrics']['split']} split (ONNX Runtime + hnswlib)\n\n"
+        f"| metric | value |\n|---|---|\n{rows}\n"
+    )
+    curves = str(e.root / m["curves"]) if m.get("curves") else None
+    return text, curves
+
+
+def _pick(ids: list[int], evt: gr.SelectData):
+    """A clicked gallery result becomes the query of an image search."""
+    if not ids or evt.index is None:
+        raise gr.Error("Nothing to search with: run a search first.")
+    img = load_engine().gallery_image(ids[evt.index])
+    items, new_ids = search_by_image(img)
+    return img, items, new_ids, gr.Tabs(selected="image2image")
+
+
+def _pick_caption(rows, evt: gr.SelectData):
+    """A clicked caption becomes the query of a text search."""
+    r = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+    text = rows.iloc[r, 2] if hasattr(rows, "iloc") else rows[r][2]
+    items, ids = search_by_text(text)
+    return text, items, ids, gr.Tabs(selected="text2image")
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def _example_images() -> list[list[str]]:
+    return [[str(p)] for p in sorted(EXAMPLES.glob("*.png"))]
+
+
+def build_demo() -> gr.Blocks:
+    k_default = 12
+    with gr.Blocks(title="mmdemo") as demo:
+        gr.Markdown("# mmdemo\nA joint image–text space, exported to ONNX and searched with "
+                    "hnswlib. Click any result to search with it.")
+        with gr.Tabs():
+            with gr.Tab("Retrieval", id="retrieval"), gr.Tabs() as sub:
+                with gr.Tab("Text → images", id="text2image"):
+                    with gr.Row():
+                        t_text = gr.Textbox(label="Description", scale=4,
+                                            placeholder="a small red circle left of a blue square")
+                        t_k = gr.Slider(1, 50, k_default, step=1, label="Results", scale=1)
+                    t_btn = gr.Button("Search", variant="primary")
+                    t_out = gr.Gallery(label="Images", columns=6, height="auto")
+                    t_ids = gr.State([])
+                    gr.Examples(EXAMPLE_TEXTS, inputs=[t_text])
+                with gr.Tab("Image → images", id="image2image"):
+                    with gr.Row():
+                        i_img = gr.Image(label="Query image", type="pil", height=256)
+                        i_k = gr.Slider(1, 50, k_default, step=1, label="Results")
+                    i_btn = gr.Button("Search", variant="primary")
+                    i_out = gr.Gallery(label="Images", columns=6, height="auto")
+                    i_ids = gr.State([])
+                    gr.Examples(_example_images(), inputs=[i_img])
+                with gr.Tab("Image → captions", id="image2text"):
+                    with gr.Row():
+                        c_img = gr.Image(label="Query image", type="pil", height=256)
+                        c_k = gr.Slider(1, 50, 10, step=1, label="Results")
+                    c_btn = gr.Button("Search", variant="primary")
+                    c_out = gr.Dataframe(headers=["rank", "score", "caption", "image id"],
+                                         label="Captions (click one to search with it)",
+                                         interactive=False, wrap=True)
+                    gr.Examples(_example_images(), inputs=[c_img])
+                with gr.Tab("Image + text", id="composed"):
+                    gr.Markdown("Composed query: z = a·f_img(image) + (1 − a)·f_txt(text).")
+                    with gr.Row():
+                        m_img = gr.Image(label="Query image", type="pil", height=256)
+                        with gr.Column():
+                            m_text = gr.Textbox(label="Text", placeholder="a yellow star")
+                            m_a = gr.Slider(0, 1, 0.5, step=0.05, label="a (image weight)")
+                            m_k = gr.Slider(1, 50, k_default, step=1, label="Results")
+                    m_btn = gr.Button("Search", variant="primary")
+                    m_out = gr.Gallery(label="Images", columns=6, height="auto")
+                    m_ids = gr.State([])
+                    ex = _example_images()
+                    gr.Examples([[e[0], t, 0.5] for e, t in zip(ex, EXAMPLE_TEXTS)],
+                                inputs=[m_img, m_text, m_a])
+            with gr.Tab("About", id="about"):
+                a_md = gr.Markdown("Loading the bundle ...")
+                a_img = gr.Image(label="Training curves", interactive=False)
+
+        for trig in (t_btn.click, t_text.submit):
+            trig(search_by_text, [t_text, t_k], [t_out, t_ids],
+                 api_name="search_by_text" if trig == t_btn.click else False)
+        i_btn.click(search_by_image, [i_img, i_k], [i_out, i_ids], api_name="search_by_image")
+        c_btn.click(search_captions, [c_img, c_k], [c_out], api_name="search_captions")
+        m_btn.click(search_composed, [m_img, m_text, m_a, m_k], [m_out, m_ids],
+                    api_name="search_composed")
+        for gal, ids in ((t_out, t_ids), (i_out, i_ids), (m_out, m_ids)):
+            gal.select(_pick, [ids], [i_img, i_out, i_ids, sub], api_name=False)
+        c_out.select(_pick_caption, [c_out], [t_text, t_out, t_ids, sub], api_name=False)
+        demo.load(about, None, [a_md, a_img], api_name="about")
+    return demo
+
+
+demo = build_demo()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def ensure_bundle(path: Path, rebuild: bool) -> None:
+    """Build the default bundle when none is at `path` (or when asked to rebuild)."""
+    if path.exists() and not rebuild:
+        return
+    if path.resolve() != DEFAULT_BUNDLE.resolve() and not rebuild:
+        raise SystemExit(f"error: no bundle at {path}; export one with `python -m export RUN "
+                         f"{path}` or run without --bundle to build the default")
+    print(f"building the default bundle at {path} (a few minutes, once) ...", flush=True)
+    from export.default import build_default_bundle
+
+    build_default_bundle(path, ROOT / "runs" / "default")
+
+
+def main(argv: list[str] | None = None) -> None:
+    global _bundle_path, _engine
+    p = argparse.ArgumentParser(prog="python app.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, default=_bundle_path, help="bundle folder to serve")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    p.add_argument("--share", action="store_true", help="ask Gradio for a public link")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the default bundle first")
+    args = p.parse_args(argv)
+    ensure_bundle(args.bundle, args.rebuild)
+    _bundle_path, _engine = args.bundle, None
+    try:
+        engine = load_engine()
+    except gr.Error as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"serving {args.bundle} on {engine.provider}", flush=True)
+    demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
+                                                   share=args.share, show_error=True)
+
+
+if __name__ == "__main__":
+    main()
