@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny shapes world, a tiny trained run, its bundle, and the default bundle.
+
+Everything runs on the CPU, offline, and binds 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TINY_SHAPES = ["--n-train", "256", "--n-val", "40", "--n-test", "60", "--seed", "3"]
+TINY_TRAIN = ["--epochs", "2", "--batch-size", "32", "--cnn-width", "8", "--text-dim", "32",
+              "--text-layers", "1", "--embed-dim", "32", "--warmup-steps", "4", "--seed", "0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    from training.data.shapes import main
+
+    return main(["--out", str(tmp_path_factory.mktemp("shapes")), *TINY_SHAPES])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    from training.__main__ import main
+
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    return main(["--data", str(tiny_data), "--out", str(out), *TINY_TRAIN])
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run, tmp_path_factory) -> Path:
+    from export.__main__ import main
+
+    return main([str(tiny_run), str(tmp_path_factory.mktemp("bundles") / "tiny")])
+
+
+@pytest.fixture(scope="session")
+def default_bundle(tmp_path_factory) -> Path:
+    """The default bundle, built exactly as `python app.py` builds it (fixed seeds).
+
+    MMDEMO_TEST_BUNDLE=PATH reuses a bundle built before (for working on the tests only).
+    """
+    reuse = os.environ.get("MMDEMO_TEST_BUNDLE")
+    if reuse:
+        return Path(reuse)
+    from export.default import build_default_bundle
+
+    work = tmp_path_factory.mktemp("default")
+    return build_default_bundle(work / "bundle", work / "work")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def no_torch(tmp_path) -> dict[str, str]:
+    """Environment for a subprocess in which `import torch` fails."""
+    block = tmp_path / "block"
+    (block / "torch").mkdir(parents=True)
+    (block / "torch" / "__init__.py").write_text(
+        "raise ImportError('torch is blocked in this test: serving must not need it')\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(block), str(ROOT)])
+    return env

@@ -1,0 +1,144 @@
+"""The app end to end: app.py served on 127.0.0.1 with torch unimportable, every api_name called
+through gradio_client, and the page driven in a real headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, free_port
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, tmp_path_factory):
+    """app.py in a subprocess where `import torch` fails; yields its URL."""
+    block = tmp_path_factory.mktemp("block")
+    (block / "torch").mkdir()
+    (block / "torch" / "__init__.py").write_text("raise ImportError('torch is blocked')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(block), str(ROOT)]),
+           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    port = free_port()
+    log = tmp_path_factory.mktemp("log") / "app.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--bundle",
+                                 str(tiny_bundle), "--port", str(port)], env=env, cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    import urllib.request
+
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"app.py did not answer within 90 s:\n{log.read_text()}")
+    yield url, log
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server[0], verbose=False)
+
+
+def test_serves_on_cpu_without_torch(server):
+    text = server[1].read_text()
+    assert "serving" in text and "ExecutionProvider" in text
+    assert "Traceback" not in text
+
+
+def test_search_by_text(client):
+    gallery, ids = client.predict("a red circle", 5, api_name="/search_by_text")
+    assert len(gallery) == 5 and len(ids) == 5
+    assert all(Path(item["image"]).is_file() for item in gallery)
+    scores = [float(item["caption"].split(" · ")[0]) for item in gallery]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_image_endpoints(client):
+    from gradio_client import handle_file
+
+    example = handle_file(str(ROOT / "examples" / "scene_1.png"))
+    gallery, ids = client.predict(example, 4, api_name="/search_by_image")
+    assert len(gallery) == 4 and len(set(ids)) == 4
+    table = client.predict(example, 6, api_name="/search_captions")
+    rows = table["data"]
+    assert len(rows) == 6 and [r[0] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(isinstance(r[2], str) and r[2] for r in rows)
+    g1, ids1 = client.predict(example, "a yellow star", 1.0, 4, api_name="/search_composed")
+    assert ids1 == ids  # a = 1 is the image query alone
+    g0, ids0 = client.predict(example, "a yellow star", 0.0, 4, api_name="/search_composed")
+    _, ids_text = client.predict("a yellow star", 4, api_name="/search_by_text")
+    assert ids0 == ids_text  # a = 0 is the text query alone
+
+
+def test_about_shows_manifest_and_provider(client):
+    md, curves = client.predict(api_name="/about")
+    assert "Execution provider" in md and "CPUExecutionProvider" in md
+    assert "t2i_R@10" in md and Path(curves).is_file()
+
+
+def test_bad_input_gets_a_clear_message(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="Type a description first"):
+        client.predict("   ", 5, api_name="/search_by_text")
+    with pytest.raises(AppError, match="Upload an image first"):
+        client.predict(None, 5, api_name="/search_captions")
+
+
+def test_page_in_headless_chromium(server, tmp_path):
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; .ci/run installs it with apt")
+        pytest.skip("Debian's chromium is not installed")
+    from playwright.sync_api import sync_playwright
+
+    url = server[0]
+    shot = tmp_path / "page.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url, wait_until="networkidle", timeout=60_000)
+        for tab in ("Retrieval", "About", "Text → images", "Image → images",
+                    "Image → captions", "Image + text"):
+            assert page.get_by_role("tab", name=tab).count() >= 1, tab
+        page.get_by_label("Description").fill("a blue square")
+        page.get_by_role("button", name="Search").first.click()
+        page.locator(".gallery-item img, button.thumbnail-item img, [data-testid='gallery'] img"
+                     ).first.wait_for(timeout=30_000)
+        n_images = page.locator("img[src*='gallery']").count()
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert n_images >= 1
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert im.size[0] == 1280 and len(set(im.convert("L").getdata())) > 20
+    out = os.environ.get("MMDEMO_SCREENSHOT")
+    if out:
+        shutil.copy(shot, out)

@@ -1,0 +1,104 @@
+"""Export: ONNX graphs that match PyTorch on new shapes, a complete manifest, indexes that
+agree with exact search, and an Engine that serves the bundle."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from mmdemo import BundleError, Engine, read_manifest
+from mmdemo.text import TextTokenizer
+from training.data.coco import load_shapes_split
+from training.data.transforms import load_images
+from training.train import embed_images, embed_texts, load_run
+
+
+def test_manifest_lists_everything(tiny_bundle):
+    m = read_manifest(tiny_bundle)  # also checks every sha256
+    for f in ("image_encoder.onnx", "text_encoder.onnx", "tokenizer.json", "gallery.json",
+              "index_images.bin", "index_captions.bin", "curves.png"):
+        assert f in m["files"], f
+    assert m["format_version"] == 1 and m["packages"]["torch"].startswith("2.")
+    ti = m["models"]["text_encoder"]["inputs"]
+    assert [i["name"] for i in ti] == ["input_ids", "attention_mask"]
+    assert ti[0]["dtype"] == "int64" and ti[0]["shape"] == ["batch", "length"]
+    assert m["models"]["image_encoder"]["inputs"][0]["shape"] == ["batch", 3, 64, 64]
+    assert m["preprocess"]["size"] == 64 and m["tokenizer"]["pad_token"] == "[PAD]"
+    par = m["metrics"]["parity"]
+    assert par["image_encoder"]["max_abs_diff"] <= 1e-4
+    assert par["text_encoder"]["min_cosine"] >= 0.9999
+    b, t = m["metrics"]["bundle"], m["metrics"]["torch"]
+    for k in t:
+        if "R@" in k:
+            assert abs(b[k] - t[k]) <= 0.005, k
+    assert m["gallery"]["count"] == 60 and m["indexes"]["captions"]["count"] == 300
+
+
+def test_onnx_matches_pytorch_on_new_batch_sizes_and_lengths(tiny_run, tiny_data, tiny_bundle):
+    onnx.checker.check_model(onnx.load(str(tiny_bundle / "text_encoder.onnx")), full_check=True)
+    model, meta = load_run(tiny_run)
+    engine = Engine.load(tiny_bundle)
+    data = load_shapes_split(tiny_data, "test", limit=7)
+    paths = data.paths()
+    from PIL import Image
+
+    pils = [Image.open(p).convert("RGB") for p in paths]
+    ref = embed_images(model, load_images(paths, engine.spec))
+    got = engine.encode_images(pils)
+    assert np.abs(ref - got).max() <= 1e-4, np.abs(ref - got).max()
+    tok = TextTokenizer.from_file(tiny_bundle / "tokenizer.json")
+    texts = ["a red circle",
+             "on the left is a small gray hexagon, on the right a large purple star "
+             "above a green square and a white triangle"]
+    ref_t = embed_texts(model, tok, texts)
+    got_t = engine.encode_texts(texts)
+    diff = np.abs(ref_t - got_t).max()
+    assert diff <= 1e-4, f"max abs diff {diff}"
+
+
+def test_engine_answers_every_query(tiny_bundle, tiny_data):
+    engine = Engine.load(tiny_bundle)
+    assert engine.provider in ("CPUExecutionProvider", "CUDAExecutionProvider")
+    hits = engine.search_by_text("a red circle", k=5)
+    assert len(hits) == 5 and all(h.id in engine.gallery for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    img = engine.gallery_image(hits[0].id)
+    same = engine.search_by_image(img, k=3)
+    assert same[0].id == hits[0].id and same[0].score == pytest.approx(1.0, abs=1e-4)
+    caps = engine.search_captions(img, k=4)
+    assert len(caps) == 4 and all(c.image_id in engine.gallery for c in caps)
+    only_img = engine.search_composed(img, "a blue star", alpha=1.0, k=1)
+    assert only_img[0].id == hits[0].id
+    only_txt = engine.search_composed(img, "a blue star", alpha=0.0, k=3)
+    assert [h.id for h in only_txt] == [h.id for h in engine.search_by_text("a blue star", 3)]
+    with pytest.raises(ValueError, match="empty text"):
+        engine.search_by_text("   ")
+    with pytest.raises(ValueError, match="alpha"):
+        engine.search_composed(img, "x", alpha=1.5)
+
+
+def test_tampered_bundle_is_refused(tiny_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    with open(copy / "index_images.bin", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(BundleError, match="index_images.bin"):
+        Engine.load(copy)
+    assert m["files"]["index_images.bin"]
+
+
+def test_export_cli_reports_a_missing_run(tmp_path, capsys):
+    from export.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "no-run"), str(tmp_path / "b")])
+    assert e.value.code == 2 and "has no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
