@@ -45,8 +45,9 @@ def test_every_parameter_gets_a_gradient(loss):
     x, ids, mask = _batch()
     img, txt = model.encode_image(x), model.encode_text(ids, mask)
     neg = (txt[:3].flip(1), torch.tensor([0, 1, 2]))
-    terms = LOSSES[loss](0.2)(img, txt, neg, model.logit_scale)
-    assert "hard" in terms and all(torch.isfinite(v) for v in terms.values())
+    txt2 = model.encode_text(ids.flip(1), mask.flip(1))
+    terms = LOSSES[loss](0.2)(img, txt, neg, model.logit_scale, txt2=txt2)
+    assert {"hard", "t2t"} <= set(terms) and all(torch.isfinite(v) for v in terms.values())
     sum(terms.values()).backward()
     for name, p in model.named_parameters():
         if name == "logit_scale" and loss != "infonce":

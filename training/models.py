@@ -21,8 +21,10 @@ def conv_bn(cin: int, cout: int, stride: int = 1, k: int = 3) -> nn.Sequential:
 
 
 class SmallCNN(nn.Module):
-    """A small CNN for 64x64 scenes. The final 8x8 map is flattened, not pooled, so the
-    features keep where things are (needed for left of / above)."""
+    """A small CNN for 64x64 scenes. Two views of the final 8x8 map are concatenated: its
+    global average (a bag of local features such as "red circle here", whatever the place:
+    what binding a color to a shape needs) and the map flattened (where things are: what
+    "left of" and "above" need)."""
 
     def __init__(self, image_size: int = 64, width: int = 32, out_dim: int = 256):
         super().__init__()
@@ -38,11 +40,12 @@ class SmallCNN(nn.Module):
         self.reduce = nn.Conv2d(4 * w, w, 1)  # keep the flattened map small
         side = image_size // 8
         self.fc = nn.Sequential(nn.Linear(w * side * side, out_dim), nn.ReLU(inplace=True))
-        self.out_dim = out_dim
+        self.out_dim = out_dim + 4 * w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.reduce(self.features(x))
-        return self.fc(x.flatten(1))  # (B, out_dim)
+        f = self.features(x)  # (B, 4w, S/8, S/8)
+        where = self.fc(self.reduce(f).flatten(1))  # (B, out_dim)
+        return torch.cat([f.mean((2, 3)), where], 1)  # (B, 4w + out_dim)
 
 
 class TorchvisionResNet50(nn.Module):
@@ -97,12 +100,20 @@ class Block(nn.Module):
 
 
 class SmallTransformer(nn.Module):
-    """A pre-norm transformer over token ids; the output is the first ([CLS]) token."""
+    """A pre-norm transformer over token ids; the output is the first ([CLS]) token.
+
+    A convolution over neighbouring tokens is added to the embeddings first (a convolutional
+    position encoding, as in wav2vec 2.0), so "red circle" is a feature from the start: trained
+    without it, the encoder settles on a bag of words and cannot tell "a red circle and a blue
+    square" from the same words with the colors swapped.
+    """
 
     def __init__(self, vocab_size: int, dim: int = 128, layers: int = 2, heads: int = 4,
-                 max_length: int = 32):
+                 max_length: int = 32, conv_kernel: int = 3):
         super().__init__()
         self.tok = nn.Embedding(vocab_size, dim)
+        self.conv = (nn.Conv1d(dim, dim, conv_kernel, padding=conv_kernel // 2)
+                     if conv_kernel else None)
         self.pos = nn.Parameter(torch.zeros(max_length, dim))
         # Same scale for words and positions: with nn.Embedding's default N(0, 1) the positions
         # drown and the encoder reads a bag of words ("red circle, blue square" == swapped).
@@ -114,6 +125,9 @@ class SmallTransformer(nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.tok(ids) + self.pos[: ids.shape[1]]  # (B, L, dim)
+        if self.conv is not None:
+            x = x * mask.unsqueeze(-1).to(x.dtype)  # padding must not leak into real tokens
+            x = x + self.conv(x.transpose(1, 2)).transpose(1, 2)  # (B, L, dim)
         for blk in self.blocks:
             x = blk(x, mask)
         return self.ln(x[:, 0])
@@ -167,6 +181,7 @@ class ModelConfig:
     text_dim: int = 128  # small_transformer width
     text_layers: int = 2  # small_transformer depth
     text_heads: int = 4  # small_transformer heads
+    text_conv: int = 3  # small_transformer convolutional position encoding kernel; 0 = none
     max_length: int = 32  # longest token sequence
     vocab_size: int = 0  # set from the tokenizer
     embed_dim: int = 128  # joint space dimension
@@ -178,7 +193,7 @@ IMAGE_ENCODERS = {
 }
 TEXT_ENCODERS = {
     "small_transformer": lambda c: SmallTransformer(c.vocab_size, c.text_dim, c.text_layers,
-                                                    c.text_heads, c.max_length),
+                                                    c.text_heads, c.max_length, c.text_conv),
     "hf": lambda c: HFTextModel(c.hf_model),
 }
 

@@ -48,8 +48,10 @@ class TrainConfig:
     loss: str = "infonce"  # infonce | triplet | contrastive
     margin: float = 0.2  # triplet / contrastive margin (unused by infonce)
     hard_negatives: int = 2  # edited, false captions per image (shapes world only; 0 = none)
-    hard_weight: float = 1.0  # weight of the loss term that ranks each image's true caption
-    # above its own edited captions
+    hard_weight: float = 1.0  # weight of the term ranking an image's true caption above its
+    # own edited captions
+    t2t_weight: float = 1.0  # weight of the caption-to-caption term (two captions per image);
+    # 0 turns it off
     seed: int = 0  # model init, sampling order, negatives
     threads: int = 0  # torch threads; 0 leaves torch's default
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # image normalisation
@@ -75,18 +77,23 @@ def load_splits(cfg: TrainConfig) -> tuple[CaptionSet, CaptionSet]:
 
 
 def epoch_batches(data: CaptionSet, cfg: TrainConfig, epoch: int):
-    """Yield (image rows, captions, hard-negative captions, the batch row each negative belongs
-    to) for one epoch, seeded by epoch."""
+    """Yield (image rows, captions, other captions of the same images, hard-negative captions,
+    the batch row each negative belongs to) for one epoch, seeded by epoch."""
     rng = random.Random(f"{cfg.seed}-{epoch}")
     order = list(range(len(data)))
     rng.shuffle(order)
     for s in range(0, len(order) - cfg.batch_size + 1 if len(order) >= cfg.batch_size else 1,
                    cfg.batch_size):
         rows = order[s: s + cfg.batch_size]
-        texts, negs, neg_rows = [], [], []
+        texts, others, negs, neg_rows = [], [], [], []
         for b, r in enumerate(rows):
-            _, text, claim = rng.choice(data.captions[r])
+            caps = data.captions[r]
+            i = rng.randrange(len(caps))
+            _, text, claim = caps[i]
             texts.append(text)
+            if cfg.t2t_weight > 0:  # another caption of the same image (itself if it has one)
+                j = (i + rng.randrange(1, len(caps))) % len(caps) if len(caps) > 1 else i
+                others.append(caps[j][1])
             if claim is None or not data.objects:
                 continue
             for _ in range(cfg.hard_negatives):
@@ -94,7 +101,7 @@ def epoch_batches(data: CaptionSet, cfg: TrainConfig, epoch: int):
                 if neg is not None:
                     negs.append(neg["text"])
                     neg_rows.append(b)
-        yield rows, texts, negs, neg_rows
+        yield rows, texts, others, negs, neg_rows
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -223,7 +230,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig) -> Path:
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    loss_fn = LOSSES[cfg.loss](cfg.margin, cfg.hard_weight)
+    loss_fn = LOSSES[cfg.loss](cfg.margin, cfg.hard_weight, cfg.t2t_weight)
 
     start_epoch, step = 0, 0
     if cfg.resume and (ckpt / "meta.json").is_file():
@@ -256,15 +263,16 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig) -> Path:
         t0, losses = time.time(), []
         bar = tqdm(epoch_batches(train_set, cfg, epoch), total=steps_per_epoch,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
-        for rows, texts, negs, neg_rows in bar:
+        for rows, texts, others, negs, neg_rows in bar:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            ids, mask = tok(texts + negs)
-            ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+            b, n2 = len(rows), len(others)
+            ids, mask = tok(texts + others + negs)
             img = model.encode_image(train_images[rows])
-            txt = model.encode_text(ids, mask)
-            neg = (txt[len(rows):], torch.tensor(neg_rows)) if negs else None
-            terms = loss_fn(img, txt[: len(rows)], neg, model.logit_scale)
+            txt = model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask))
+            neg = (txt[b + n2:], torch.tensor(neg_rows)) if negs else None
+            terms = loss_fn(img, txt[:b], neg, model.logit_scale,
+                            txt2=txt[b: b + n2] if others else None)
             loss = sum(terms.values())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
