@@ -195,9 +195,8 @@ def build_demo() -> gr.Blocks:
                 a_md = gr.Markdown("Loading the bundle ...")
                 a_img = gr.Image(label="Training curves", interactive=False)
 
-        for trig in (t_btn.click, t_text.submit):
-            trig(search_by_text, [t_text, t_k], [t_out, t_ids],
-                 api_name="search_by_text" if trig == t_btn.click else False)
+        gr.on([t_btn.click, t_text.submit], search_by_text, [t_text, t_k], [t_out, t_ids],
+              api_name="search_by_text")
         i_btn.click(search_by_image, [i_img, i_k], [i_out, i_ids], api_name="search_by_image")
         c_btn.click(search_captions, [c_img, c_k], [c_out], api_name="search_captions")
         m_btn.click(search_composed, [m_img, m_text, m_a, m_k], [m_out, m_ids],
