@@ -102,3 +102,23 @@ def test_export_cli_reports_a_missing_run(tmp_path, capsys):
     assert e.value.code == 2 and "has no checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
+
+
+def test_serving_never_imports_torch(tiny_bundle, no_torch):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from mmdemo import Engine\n"
+        f"e = Engine.load({str(tiny_bundle)!r})\n"
+        "hits = e.search_by_text('a red circle', 3)\n"
+        "caps = e.search_captions(e.gallery_image(hits[0].id), 2)\n"
+        "assert len(hits) == 3 and len(caps) == 2\n"
+        "assert 'torch' not in sys.modules\n"
+        "print('ok', e.provider)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=no_torch, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok ")

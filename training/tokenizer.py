@@ -23,9 +23,12 @@ def train_tokenizer(texts: list[str], out: Path | str, vocab_size: int = 2000) -
     return Path(out)
 
 
-def hf_tokenizer_json(name_or_path: str, out: Path | str) -> Path:
-    """The fast tokenizer of a transformers model, saved as tokenizer.json."""
+def hf_tokenizer_json(name_or_path: str, out: Path | str) -> str:
+    """Save the fast tokenizer of a transformers model as tokenizer.json; returns its pad token."""
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(name_or_path).backend_tokenizer.save(str(out))
-    return Path(out)
+    tok = AutoTokenizer.from_pretrained(name_or_path)
+    if tok.pad_token is None:
+        raise ValueError(f"the tokenizer of {name_or_path} has no pad token")
+    tok.backend_tokenizer.save(str(out))
+    return tok.pad_token

@@ -215,12 +215,12 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig) -> Path:
     train_set, val_set = load_splits(cfg)
 
     tok_path = out / "tokenizer.json"
-    if not tok_path.is_file():
-        if model_cfg.text_encoder == "hf":
-            hf_tokenizer_json(model_cfg.hf_model, tok_path)
-        else:
-            train_tokenizer([t for caps in train_set.captions for _, t, _ in caps], tok_path)
-    tok = TextTokenizer.from_file(tok_path, model_cfg.max_length)
+    pad_token = "[PAD]"
+    if model_cfg.text_encoder == "hf":
+        pad_token = hf_tokenizer_json(model_cfg.hf_model, tok_path)
+    elif not tok_path.is_file():
+        train_tokenizer([t for caps in train_set.captions for _, t, _ in caps], tok_path)
+    tok = TextTokenizer.from_file(tok_path, model_cfg.max_length, pad_token)
     model_cfg.vocab_size = tok.tokenizer.get_vocab_size()
     spec = PreprocessSpec(model_cfg.image_size, list(cfg.mean), list(cfg.std))
 

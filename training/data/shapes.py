@@ -382,7 +382,7 @@ def sample_scene(rng: random.Random, size: int = 64) -> list[Obj]:
 
 def generate_split(out: Path, split: str, n: int, seed: int, size: int = 64,
                    image_id_start: int = 1) -> None:
-    """Write `n` scenes of one split: images/<split>/*.png, captions_<split>.json, labels_<split>.json."""
+    """Write `n` scenes of one split: images/<split>/*.png and the captions and labels JSONs."""
     rng = random.Random(f"{seed}-{split}")
     img_dir = out / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
