@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import threading
@@ -52,6 +53,19 @@ def load_engine() -> Engine:
 # ----------------------------------------------------------------------------- handlers
 
 
+def _friendly(fn):
+    """Expected, typed errors from the Engine become a message in the UI, not a stack trace."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            raise gr.Error(str(e)) from e
+
+    return wrapper
+
+
 def _need_image(image):
     if image is None:
         raise gr.Error("Upload an image first (or pick one of the examples).")
@@ -71,16 +85,19 @@ def _gallery(hits) -> tuple[list[tuple[str, str]], list[int]]:
     return items, [h.id for h in hits]
 
 
+@_friendly
 def search_by_text(text: str, k: float = 12):
     """Text -> gallery images, best first, each with its score and first caption."""
     return _gallery(load_engine().search_by_text(_need_text(text), int(k)))
 
 
+@_friendly
 def search_by_image(image, k: float = 12):
     """Image -> the closest gallery images."""
     return _gallery(load_engine().search_by_image(_need_image(image), int(k)))
 
 
+@_friendly
 def search_captions(image, k: float = 10) -> list[list]:
     """Image -> the gallery captions that describe it best.
 
@@ -90,6 +107,7 @@ def search_captions(image, k: float = 10) -> list[list]:
     return [[r + 1, round(h.score, 4), h.text, h.image_id] for r, h in enumerate(hits)]
 
 
+@_friendly
 def search_composed(image, text: str, alpha: float = 0.5, k: float = 12):
     """Image + text fused as z = a*f_img + (1-a)*f_txt -> gallery images."""
     return _gallery(load_engine().search_composed(_need_image(image), _need_text(text),

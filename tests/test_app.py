@@ -112,6 +112,13 @@ def test_bad_input_gets_a_clear_message(client):
         client.predict("   ", 5, api_name="/search_by_text")
     with pytest.raises(AppError, match="Upload an image first"):
         client.predict(None, 5, api_name="/search_captions")
+    from gradio_client import handle_file
+
+    example = handle_file(str(ROOT / "examples" / "scene_2.png"))
+    with pytest.raises(AppError, match="greater than maximum"):  # Gradio checks the slider
+        client.predict(example, "a red circle", 1.5, 4, api_name="/search_composed")
+    with pytest.raises(AppError, match="keep it under 500"):
+        client.predict("a red circle " * 60, 5, api_name="/search_by_text")
 
 
 def test_page_in_headless_chromium(server, tmp_path):
