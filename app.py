@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -242,7 +243,10 @@ def ensure_bundle(path: Path, rebuild: bool) -> None:
     print(f"building the default bundle at {path} (a few minutes, once) ...", flush=True)
     from export.default import build_default_bundle
 
-    build_default_bundle(path, ROOT / "runs" / "default")
+    work = ROOT / "runs" / "default"
+    if rebuild:  # start over: the work folder holds only what the build derives
+        shutil.rmtree(work, ignore_errors=True)
+    build_default_bundle(path, work)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -250,7 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python app.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, default=_bundle_path, help="bundle folder to serve")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                   help="address to bind (default 127.0.0.1; a Space sets GRADIO_SERVER_NAME)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     p.add_argument("--share", action="store_true", help="ask Gradio for a public link")
     p.add_argument("--rebuild", action="store_true", help="rebuild the default bundle first")

@@ -178,7 +178,8 @@ def export_bundle(run_dir: Path | str, out_dir: Path | str, data: str | None = N
 
         # 2. parity on batch sizes and lengths other than the traced ones: the shortest texts
         # alone, the longest alone, and both mixed (padding)
-        by_len = sorted(set(texts), key=lambda t: len(tok([t])[0][0]))
+        n_tokens = {t: int(m.sum()) for t, m in zip(texts, tok(texts)[1])}
+        by_len = sorted(n_tokens, key=n_tokens.get)  # distinct texts, first-seen order on ties
         text_batches = [by_len[:3], by_len[-4:], by_len[:3] + by_len[-4:]]
         parity = {
             "image_encoder": compare("image_encoder", embed_images(model, images[:5]),
@@ -187,7 +188,7 @@ def export_bundle(run_dir: Path | str, out_dir: Path | str, data: str | None = N
         worst = None
         for batch in text_batches:
             got = compare(f"text_encoder ({len(batch)} texts, lengths "
-                          f"{sorted({len(tok([t])[0][0]) for t in batch})})",
+                          f"{sorted({n_tokens[t] for t in batch})})",
                           embed_texts(model, tok, batch), ort_texts(batch))
             if worst is None or got["max_abs_diff"] > worst["max_abs_diff"]:
                 worst = got

@@ -161,3 +161,19 @@ def test_page_in_headless_chromium(server, tmp_path):
     out = os.environ.get("MMDEMO_SCREENSHOT")
     if out:
         shutil.copy(shot, out)
+
+
+def test_cli_names_a_missing_or_damaged_bundle(tmp_path, tiny_bundle):
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "app.py"), "--bundle",
+                          str(tmp_path / "nowhere")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and "no bundle at" in out.stderr
+    assert "Traceback" not in out.stderr
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_bundle, damaged)
+    (damaged / "text_encoder.onnx").write_bytes(b"not a graph")
+    out = subprocess.run([sys.executable, str(ROOT / "app.py"), "--bundle", str(damaged)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "text_encoder.onnx has sha256" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -91,7 +91,7 @@ def epoch_batches(data: CaptionSet, cfg: TrainConfig, epoch: int):
             i = rng.randrange(len(caps))
             _, text, claim = caps[i]
             texts.append(text)
-            if cfg.t2t_weight > 0:  # another caption of the same image (itself if it has one)
+            if cfg.t2t_weight > 0:  # another caption of the same image (itself if it is alone)
                 j = (i + rng.randrange(1, len(caps))) % len(caps) if len(caps) > 1 else i
                 others.append(caps[j][1])
             if claim is None or not data.objects:
