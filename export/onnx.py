@@ -25,7 +25,7 @@ from training.data.coco import CaptionSet, load_captions, load_shapes_split
 from training.data.transforms import load_images
 from training.evaluate import evaluate_all, flatten_captions
 from training.models import DualEncoder
-from training.train import embed_images, embed_texts, load_run
+from training.train import embed_images, embed_texts, evaluate_model, load_run
 
 OPSET = 17
 MAX_ABS_DIFF = 1e-4  # ORT vs PyTorch, per embedding component
@@ -93,6 +93,15 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray) -> dict:
         raise ExportError(f"{name}: ONNX Runtime differs from PyTorch: max abs diff {diff:.2e} "
                           f"(limit {MAX_ABS_DIFF:.0e}), min cosine {cos:.6f} (limit {MIN_COSINE})")
     return {"max_abs_diff": diff, "min_cosine": cos, "batch": len(ref)}
+
+
+def build_index(emb: np.ndarray, ids: np.ndarray, encoder: Path, path: Path) -> VectorIndex:
+    """An hnswlib index over float32 (N, D) unit vectors under int64 ids (N,), saved at `path`
+    with a sidecar naming the encoder graph's sha256."""
+    index = VectorIndex(emb.shape[1], len(emb), sha256_file(encoder))
+    index.add(emb, ids)
+    index.save(path)
+    return index
 
 
 def package_versions() -> dict[str, str]:
@@ -197,14 +206,10 @@ def export_bundle(run_dir: Path | str, out_dir: Path | str, data: str | None = N
 
         # 3. embeddings through ONNX Runtime, indexes with explicit ids
         img_emb, txt_emb = ort_images(images), ort_texts(texts)
-        enc_i = sha256_file(tmp / "image_encoder.onnx")
-        enc_t = sha256_file(tmp / "text_encoder.onnx")
-        index_i = VectorIndex(img_emb.shape[1], len(img_emb), enc_i)
-        index_i.add(img_emb, img_ids)
-        index_i.save(tmp / "index_images.bin")
-        index_c = VectorIndex(txt_emb.shape[1], len(txt_emb), enc_t)
-        index_c.add(txt_emb, cap_ids)
-        index_c.save(tmp / "index_captions.bin")
+        index_i = build_index(img_emb, img_ids, tmp / "image_encoder.onnx",
+                              tmp / "index_images.bin")
+        index_c = build_index(txt_emb, cap_ids, tmp / "text_encoder.onnx",
+                              tmp / "index_captions.bin")
 
         # 4. metrics: PyTorch exact search vs the bundle (ORT embeddings + hnswlib)
         print("evaluating PyTorch and the bundle ...", flush=True)
@@ -217,8 +222,7 @@ def export_bundle(run_dir: Path | str, out_dir: Path | str, data: str | None = N
         def i2t(q, k):
             return np.vectorize(row_of_cap.get)(index_c.search(q, k)[0])
 
-        m_torch = evaluate_all(gal, lambda r: embed_images(model, images[r]),
-                               lambda t: embed_texts(model, tok, t))
+        m_torch = evaluate_model(model, images, tok, gal)
         m_bundle = evaluate_all(gal, lambda r: img_emb[r], ort_texts, t2i=t2i, i2t=i2t)
         gaps = {k: abs(m_bundle[k] - m_torch[k]) for k in m_torch if "R@" in k}
         worst = max(gaps, key=gaps.get)

@@ -69,13 +69,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def no_torch(tmp_path) -> dict[str, str]:
-    """Environment for a subprocess in which `import torch` fails."""
-    block = tmp_path / "block"
-    (block / "torch").mkdir(parents=True)
-    (block / "torch" / "__init__.py").write_text(
+def torch_blocked_env(folder: Path) -> dict[str, str]:
+    """Environment for a subprocess in which `import torch` fails (a stub package in `folder`
+    shadows it), so serving code proves it never needs torch."""
+    (folder / "torch").mkdir(parents=True, exist_ok=True)
+    (folder / "torch" / "__init__.py").write_text(
         "raise ImportError('torch is blocked in this test: serving must not need it')\n")
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(block), str(ROOT)])
+    env["PYTHONPATH"] = os.pathsep.join([str(folder), str(ROOT)])
     return env
+
+
+@pytest.fixture
+def no_torch(tmp_path) -> dict[str, str]:
+    return torch_blocked_env(tmp_path / "block")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, torch_blocked_env
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -21,10 +21,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tmp_path_factory):
     """app.py in a subprocess where `import torch` fails; yields its URL."""
-    block = tmp_path_factory.mktemp("block")
-    (block / "torch").mkdir()
-    (block / "torch" / "__init__.py").write_text("raise ImportError('torch is blocked')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(block), str(ROOT)]),
+    env = {**torch_blocked_env(tmp_path_factory.mktemp("block")),
            "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1",
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     port = free_port()
