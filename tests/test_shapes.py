@@ -6,20 +6,26 @@ import json
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from training.data.coco import load_shapes_split
 from training.data.shapes import (
     ANSWERS,
     COLORS,
+    QUESTION_KINDS,
     RELATIONS,
     SHAPES,
     SIZES,
     TEMPLATES,
+    VALUES,
+    Obj,
+    draw_scene,
     main,
     perturb,
     relation_holds,
     satisfies,
+    shape_area,
 )
 
 
@@ -85,6 +91,16 @@ def test_questions_have_correct_answers(tiny_data):
     for q in labels["questions"]:
         objs = scene[q["image_id"]]
         types[q["type"]] += 1
+        if q["type"] in ("position", "area"):  # answered by numbers, not by a class
+            assert q["answer"] is None and q["answer_id"] == -1
+            color, shape = q["question"].rstrip("?").split()[-3 if q["type"] == "area" else -2:][:2]
+            o = next(o for o in objs if (o["color"], o["shape"]) == (color, shape))
+            if q["type"] == "position":
+                assert q["values"] == {"x": round(o["x"] / 64, 4), "y": round(o["y"] / 64, 4)}
+            else:
+                assert q["values"]["area"] == pytest.approx(
+                    shape_area(shape, o["size"]) / 64**2, abs=1e-5)
+            continue
         assert ANSWERS[q["answer_id"]] == q["answer"]
         if q["type"] == "count_color":
             color = q["question"].split()[2]
@@ -92,7 +108,17 @@ def test_questions_have_correct_answers(tiny_data):
         if q["type"] == "exists_shape":
             shape = q["question"].rstrip("?").split()[-1]
             assert q["answer"] == ("yes" if any(o["shape"] == shape for o in objs) else "no")
-    assert set(types) == {"count_color", "exists_shape", "color_of", "shape_rel"}
+    assert set(types) == set(QUESTION_KINDS)
+    assert labels["values"] == VALUES and labels["question_kinds"] == QUESTION_KINDS
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_shape_area_matches_the_drawn_pixels(shape):
+    """The area answer is the area the drawing covers (counted on a 64x64 render)."""
+    objs = [Obj(shape, "white", "large", 32.0, 32.0)]
+    img = np.asarray(draw_scene(objs, random.Random(1)), dtype=np.float32)
+    covered = (img.min(2) > 160).sum()  # white object on a dark background
+    assert covered == pytest.approx(shape_area(shape, "large"), rel=0.12)
 
 
 def test_oracle_relations_and_counts():

@@ -135,3 +135,61 @@ def evaluate_all(data: CaptionSet, encode_images: Callable[[list[int]], np.ndarr
                                                   encode_texts(b_swap))
             out["binding_n"] = len(b_rows)
     return out
+
+
+# ----------------------------------------------------------------------------- fused tasks
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the precision-recall curve, as the mean of precision at each positive's rank
+    (scikit-learn's average_precision_score without interpolation). scores, positive: (N,)."""
+    order = np.argsort(-scores, kind="stable")
+    hit = positive[order] > 0
+    if not hit.any():
+        return float("nan")
+    precision = np.cumsum(hit) / np.arange(1, len(hit) + 1)
+    return float(precision[hit].mean())
+
+
+def task_metrics(pred: dict[str, np.ndarray], tasks) -> dict[str, float]:
+    """Scores of fused predictions on a TaskSet (training.data.tasks).
+
+    Multi-class: accuracy over the items that ask a class, and per kind (acc_<kind>).
+    Multi-label: mAP over classes with a positive, and micro-F1 at probability 0.5.
+    Values: mean absolute error and R² per value (mae_<name>, r2_<name>); mae_position is the
+    mean of |dx| and |dy| over the items that ask a position. kind_accuracy: the kind head.
+    """
+    out: dict[str, float] = {}
+    logits, labels = pred["logits"], tasks.labels
+    if tasks.multilabel:
+        aps = [average_precision(logits[:, c], labels[:, c]) for c in range(labels.shape[1])]
+        out["mAP"] = float(np.nanmean(aps))
+        guess = logits > 0.0  # sigmoid(logit) > 0.5
+        tp = float((guess & (labels > 0)).sum())
+        out["micro_f1"] = 2 * tp / max(1.0, float(guess.sum() + (labels > 0).sum()))
+    else:
+        keep = labels >= 0
+        right = logits.argmax(1) == labels
+        out["accuracy"] = float(right[keep].mean()) if keep.any() else float("nan")
+        for k, name in enumerate(tasks.kind_names):
+            sel = keep & (tasks.kinds == k)
+            if sel.any():
+                out[f"acc_{name}"] = float(right[sel].mean())
+    err = np.abs(pred["values"] - tasks.values)  # NaN where not asked
+    for j, name in enumerate(tasks.value_names):
+        asked = np.isfinite(tasks.values[:, j])
+        if not asked.any():
+            continue
+        y = tasks.values[asked, j]
+        out[f"mae_{name}"] = float(err[asked, j].mean())
+        ss = float(((y - y.mean()) ** 2).sum())
+        out[f"r2_{name}"] = 1.0 - float((err[asked, j] ** 2).sum()) / ss if ss > 0 else float("nan")
+    if {"x", "y"} <= set(tasks.value_names):
+        jx, jy = tasks.value_names.index("x"), tasks.value_names.index("y")
+        asked = np.isfinite(tasks.values[:, jx]) & np.isfinite(tasks.values[:, jy])
+        if asked.any():
+            out["mae_position"] = float(err[asked][:, [jx, jy]].mean())
+    kinds = pred.get("kinds")
+    if kinds is not None and len(tasks.kind_names) > 1 and np.abs(kinds).max() > 0:
+        out["kind_accuracy"] = float((kinds.argmax(1) == tasks.kinds).mean())
+    return out

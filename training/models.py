@@ -42,6 +42,12 @@ class SmallCNN(nn.Module):
         self.fc = nn.Sequential(nn.Linear(w * side * side, out_dim), nn.ReLU(inplace=True))
         self.out_dim = out_dim + 4 * w
 
+        self.feature_dim = 4 * w  # channels of forward_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The spatial map (B, 4w, S/8, S/8), before any pooling (fusion reads it)."""
+        return self.features(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)  # (B, 4w, S/8, S/8)
         where = self.fc(self.reduce(f).flatten(1))  # (B, out_dim)
@@ -58,7 +64,13 @@ class TorchvisionResNet50(nn.Module):
 
         net = resnet50(weights=weights)
         net.fc = nn.Identity()
-        self.net, self.out_dim = net, 2048
+        self.net, self.out_dim, self.feature_dim = net, 2048, 2048
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's map (B, 2048, S/32, S/32)."""
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        return n.layer4(n.layer3(n.layer2(n.layer1(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -123,14 +135,18 @@ class SmallTransformer(nn.Module):
         self.ln = nn.LayerNorm(dim)
         self.out_dim = dim
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Every token's state (B, L, dim), layer-normed (fusion reads it)."""
         x = self.tok(ids) + self.pos[: ids.shape[1]]  # (B, L, dim)
         if self.conv is not None:
             x = x * mask.unsqueeze(-1).to(x.dtype)  # padding must not leak into real tokens
             x = x + self.conv(x.transpose(1, 2)).transpose(1, 2)  # (B, L, dim)
         for blk in self.blocks:
             x = blk(x, mask)
-        return self.ln(x[:, 0])
+        return self.ln(x)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(ids, mask)[:, 0]
 
 
 class HFTextModel(nn.Module):
@@ -142,6 +158,10 @@ class HFTextModel(nn.Module):
 
         self.net = AutoModel.from_pretrained(name_or_path)
         self.out_dim = self.net.config.hidden_size
+
+    def forward_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Every token's last hidden state (B, L, H)."""
+        return self.net(input_ids=ids, attention_mask=mask).last_hidden_state
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.net(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, H)

@@ -300,6 +300,31 @@ def make_questions(objs: list[Obj], rng: random.Random) -> list[dict]:
 
 
 ANSWERS = ["0", "1", "2", "3", "yes", "no", *COLORS, *SHAPES]
+VALUES = ["x", "y", "area"]  # what regression questions ask for; x, y and area are fractions of
+# the picture's width, height and area
+QUESTION_KINDS = ["count_color", "exists_shape", "color_of", "shape_rel", "position", "area"]
+
+
+def shape_area(shape: str, size: str) -> float:
+    """Area in square pixels of a shape drawn at its nominal radius (rotation leaves it alone)."""
+    r = SIZES[size]
+    if shape == "circle":
+        return math.pi * r * r
+    pts = _polygon(shape, 0.0, 0.0, r, 0.0)
+    return 0.5 * abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1])))
+
+
+def make_value_questions(objs: list[Obj], rng: random.Random, size: int = 64) -> list[dict]:
+    """Questions answered by numbers: where an object is (its centre as fractions of the
+    picture's width and height) and how much of the picture it covers."""
+    o = rng.choice(objs)
+    where = {"type": "position", "question": f"where is the {o.color} {o.shape}?",
+             "answer": None, "values": {"x": round(o.x / size, 4), "y": round(o.y / size, 4)}}
+    o = rng.choice(objs)
+    area = {"type": "area", "answer": None,
+            "question": f"how much of the picture does the {o.color} {o.shape} cover?",
+            "values": {"area": round(shape_area(o.shape, o.size) / (size * size), 5)}}
+    return [where, area]
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -384,6 +409,7 @@ def generate_split(out: Path, split: str, n: int, seed: int, size: int = 64,
                    image_id_start: int = 1) -> None:
     """Write `n` scenes of one split: images/<split>/*.png and the captions and labels JSONs."""
     rng = random.Random(f"{seed}-{split}")
+    qrng = random.Random(f"{seed}-{split}-values")  # its own stream: scenes stay as they were
     img_dir = out / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
     images, caps, insts, questions = [], [], [], []
@@ -407,6 +433,9 @@ def generate_split(out: Path, split: str, n: int, seed: int, size: int = 64,
         for q in make_questions(objs, rng):
             questions.append({"id": len(questions) + 1, "image_id": image_id, **q,
                               "answer_id": ANSWERS.index(q["answer"])})
+        for q in make_value_questions(objs, qrng, size):
+            questions.append({"id": len(questions) + 1, "image_id": image_id, **q,
+                              "answer_id": -1})
     info = {"description": f"mmdemo shapes world, split {split}", "version": "1",
             "seed": seed}
     cats = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]
@@ -414,7 +443,8 @@ def generate_split(out: Path, split: str, n: int, seed: int, size: int = 64,
         {"info": info, "licenses": [], "images": images, "annotations": caps}))
     (out / f"labels_{split}.json").write_text(json.dumps(
         {"info": info, "licenses": [], "images": images, "annotations": insts,
-         "categories": cats, "questions": questions, "answers": ANSWERS}))
+         "categories": cats, "questions": questions, "answers": ANSWERS, "values": VALUES,
+         "question_kinds": QUESTION_KINDS}))
 
 
 @dataclass
