@@ -1,4 +1,5 @@
-"""mmdemo in the browser: retrieval over an exported bundle, served with ONNX Runtime.
+"""mmdemo in the browser: retrieval and fused classification over an exported bundle, served
+with ONNX Runtime.
 
     python app.py                      # builds the default bundle on first start, then serves
     python app.py --bundle PATH --share
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import shutil
 import sys
@@ -24,6 +26,7 @@ import gradio as gr  # noqa: E402
 from mmdemo import BundleError, Engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
+FUSED = ["weighted_sum", "concat", "cross_attention"]
 DEFAULT_BUNDLE = ROOT / "bundles" / "shapes-default"
 EXAMPLES = ROOT / "examples"
 EXAMPLE_TEXTS = [
@@ -115,6 +118,68 @@ def search_composed(image, text: str, alpha: float = 0.5, k: float = 12):
                                                   float(alpha), int(k)))
 
 
+METHOD_NAMES = {"weighted_sum": "weighted sum", "concat": "concatenation",
+                "cross_attention": "cross-attention", "image_only": "image only",
+                "text_only": "text only"}
+
+
+def _answer_text(ans, kind: str | None, task: dict):
+    """A class answer as {label: probability} for gr.Label; a numeric one as words."""
+    wants = task.get("answers", {}).get(kind or "", {"class": True, "values": []})
+    if wants["class"] or not wants["values"]:
+        return ans.labels
+    if set(wants["values"]) == {"x", "y"}:
+        return f"x {ans.values['x']:.2f}, y {ans.values['y']:.2f} (of width, height)"
+    return ", ".join(f"{n} {ans.values[n]:.3f}" for n in wants["values"])
+
+
+def _overlay(image, ans, show_position: bool):
+    """The image at 256 px with the attention map in red over it and, for a position, a marker
+    where the model says the object is."""
+    from PIL import Image, ImageDraw
+
+    from mmdemo.preprocess import to_pil
+
+    img = to_pil(image).resize((256, 256), Image.BILINEAR)
+    if ans.attention is not None:
+        att = ans.attention / max(float(ans.attention.max()), 1e-9)
+        heat = Image.fromarray((att * 255).astype("uint8")).resize((256, 256), Image.BILINEAR)
+        red = Image.new("RGB", (256, 256), (255, 40, 40))
+        img = Image.composite(red, img, heat.point(lambda v: int(v * 0.6)))
+    if show_position:
+        x, y = ans.values["x"] * 256, ans.values["y"] * 256
+        d = ImageDraw.Draw(img)
+        d.ellipse([x - 9, y - 9, x + 9, y + 9], outline=(0, 255, 255), width=3)
+        d.line([x - 14, y, x + 14, y], fill=(0, 255, 255), width=2)
+        d.line([x, y - 14, x, y + 14], fill=(0, 255, 255), width=2)
+    return img
+
+
+@_friendly
+def classify(image, text: str, method: str = "cross_attention", a: float = 0.5):
+    """Image + question -> the fused answer, the image-only and text-only answers, the image
+    with the attention map (cross-attention) and the predicted position drawn on it, and a note.
+    """
+    e = load_engine()
+    img, q = _need_image(image), _need_text(text)
+    fused = e.classify(img, q, method, float(a))
+    task = e.fusion["task"]
+    base = {m: e.classify(img, q, m) for m in ("image_only", "text_only")
+            if m in e.fusion["methods"]}
+    wants = task.get("answers", {}).get(fused.kind or "", {"values": []})
+    position = {"x", "y"} <= set(wants.get("values", []))
+    note = (f"**The question asks for:** {fused.kind} · **method:** "
+            f"{METHOD_NAMES.get(fused.method, fused.method)}"
+            + (f" with a = {a:.2f} (image weight)" if fused.method == "weighted_sum" else "")
+            + ("  \nRed: where the question looked in the image (last layer)."
+               if fused.attention is not None else "")
+            + ("  \nCyan: the predicted position." if position else ""))
+    return (_answer_text(fused, fused.kind, task),
+            *(_answer_text(base[m], fused.kind, task) if m in base else {}
+              for m in ("image_only", "text_only")),
+            _overlay(img, fused, position), note)
+
+
 def about() -> tuple[str, str | None]:
     """The manifest in words and the training curves."""
     e = load_engine()
@@ -161,6 +226,25 @@ def _pick_caption(rows, evt: gr.SelectData):
 
 def _example_images() -> list[list[str]]:
     return [[str(p)] for p in sorted(EXAMPLES.glob("*.png"))]
+
+
+def _fusion_info() -> dict:
+    """The configured bundle's fusion section, read without loading any model (for the tab's
+    choices and examples); {} when there is none yet."""
+    try:
+        return json.loads((_bundle_path / "manifest.json").read_text()).get("fusion", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def _fusion_examples(info: dict) -> list[list]:
+    rows = []
+    for ex in info.get("examples", []):
+        path = _bundle_path / "gallery" / f"{ex['image_id']}.png"
+        truth = ex.get("answer") or ", ".join(f"{k} {v:.3f}" for k, v in ex["values"].items())
+        if path.is_file():
+            rows.append([str(path), ex["text"], info["default"], 0.5, f"{truth} ({ex['kind']})"])
+    return rows
 
 
 def build_demo() -> gr.Blocks:
@@ -210,6 +294,37 @@ def build_demo() -> gr.Blocks:
                     ex = _example_images()
                     gr.Examples([[e[0], t, 0.5] for e, t in zip(ex, EXAMPLE_TEXTS)],
                                 inputs=[m_img, m_text, m_a])
+            with gr.Tab("Fused classification", id="classify"):
+                info = _fusion_info()
+                methods = [m for m in info.get("methods", FUSED) if m in FUSED] or FUSED
+                gr.Markdown("Ask about an image. The fused model reads both; beside it, models "
+                            "trained on the image alone and on the text alone show what each "
+                            "side knows by itself.")
+                with gr.Row():
+                    f_img = gr.Image(label="Image", type="pil", height=256)
+                    with gr.Column():
+                        f_text = gr.Textbox(label="Question",
+                                            placeholder="what color is the square?")
+                        f_method = gr.Dropdown([(METHOD_NAMES[m], m) for m in methods],
+                                               value=info.get("default", methods[-1]),
+                                               label="Fusion method")
+                        f_a = gr.Slider(0, 1, 0.5, step=0.05,
+                                        label="a (weighted sum only: image weight; 1 ignores "
+                                              "the text, 0 the image)")
+                        f_truth = gr.Textbox(label="True answer (examples only)",
+                                             interactive=False)
+                f_btn = gr.Button("Answer", variant="primary")
+                with gr.Row():
+                    f_fused = gr.Label(num_top_classes=5, label="Fused answer")
+                    f_image_only = gr.Label(num_top_classes=3, label="Image only")
+                    f_text_only = gr.Label(num_top_classes=3, label="Text only")
+                with gr.Row():
+                    f_overlay = gr.Image(label="What the model looked at", interactive=False,
+                                         height=256)
+                    f_note = gr.Markdown()
+                examples = _fusion_examples(info)
+                if examples:
+                    gr.Examples(examples, inputs=[f_img, f_text, f_method, f_a, f_truth])
             with gr.Tab("About", id="about"):
                 a_md = gr.Markdown("Loading the bundle ...")
                 a_img = gr.Image(label="Training curves", interactive=False)
@@ -223,6 +338,8 @@ def build_demo() -> gr.Blocks:
         for gal, ids in ((t_out, t_ids), (i_out, i_ids), (m_out, m_ids)):
             gal.select(_pick, [ids], [i_img, i_out, i_ids, sub], api_name=False)
         c_out.select(_pick_caption, [c_out], [t_text, t_out, t_ids, sub], api_name=False)
+        gr.on([f_btn.click, f_text.submit], classify, [f_img, f_text, f_method, f_a],
+              [f_fused, f_image_only, f_text_only, f_overlay, f_note], api_name="classify")
         demo.load(about, None, [a_md, a_img], api_name="about")
     return demo
 
@@ -250,7 +367,7 @@ def ensure_bundle(path: Path, rebuild: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    global _bundle_path, _engine
+    global _bundle_path, _engine, demo
     p = argparse.ArgumentParser(prog="python app.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, default=_bundle_path, help="bundle folder to serve")
@@ -262,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     ensure_bundle(args.bundle, args.rebuild)
     _bundle_path, _engine = args.bundle, None
+    demo = build_demo()  # again: the tab's choices and examples come from this bundle
     try:
         engine = load_engine()
     except gr.Error as e:

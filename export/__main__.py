@@ -14,11 +14,14 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--data", default=None,
                    help="shapes-world folder for the gallery (default: the run's own data)")
     p.add_argument("--split", default="test", help="split to use as the gallery (default test)")
+    p.add_argument("--fusion", type=Path, default=None,
+                   help="a folder written by `python -m training.train_fusion`: adds its "
+                        "fusion models and their ablation to the bundle")
     args = p.parse_args(argv)
     from export.onnx import ExportError, export_bundle
 
     try:
-        return export_bundle(args.run_dir, args.bundle_dir, args.data, args.split)
+        return export_bundle(args.run_dir, args.bundle_dir, args.data, args.split, args.fusion)
     except (FileNotFoundError, ValueError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -142,11 +142,12 @@ def write_gallery(data: CaptionSet, out: Path) -> dict:
 
 
 def export_bundle(run_dir: Path | str, out_dir: Path | str, data: str | None = None,
-                  split: str = "test") -> Path:
+                  split: str = "test", fusion_dir: Path | str | None = None) -> Path:
     """Write the bundle of a trained run to out_dir (atomically); returns out_dir.
 
     The gallery is `split` of the shapes-world folder `data` (default: the run's own data), or
-    the run's COCO validation captions when it was trained on COCO.
+    the run's COCO validation captions when it was trained on COCO. `fusion_dir` (written by
+    `python -m training.train_fusion`) adds its fusion models and their ablation.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model, meta = load_run(run_dir)
@@ -230,7 +231,16 @@ def export_bundle(run_dir: Path | str, out_dir: Path | str, data: str | None = N
             raise ExportError(f"bundle {worst} = {m_bundle[worst]:.4f} but PyTorch gives "
                               f"{m_torch[worst]:.4f}: more than {MAX_RECALL_GAP * 100} points")
 
-        # 5. the rest of the bundle
+        # 5. fusion models, each checked against PyTorch, and the ablation through ORT
+        fusion = None
+        if fusion_dir is not None:
+            from export.fusion import export_fusion
+
+            print("exporting fusion models ...", flush=True)
+            fusion = export_fusion(Path(fusion_dir), tmp, meta, gal.image_ids, images.numpy(),
+                                   spec, tok, data, split)
+
+        # 6. the rest of the bundle
         shutil.copy(run_dir / "tokenizer.json", tmp / "tokenizer.json")
         for name in ("curves.png", "metrics.csv"):
             if (run_dir / name).is_file():
@@ -261,6 +271,10 @@ def export_bundle(run_dir: Path | str, out_dir: Path | str, data: str | None = N
             "metrics": {"split": split, "bundle": m_bundle, "torch": m_torch,
                         "parity": parity, "val_last_epoch": meta.get("metrics", {})},
         }
+        if fusion is not None:
+            manifest["models"].update(fusion["models"])
+            manifest["fusion"] = fusion["fusion"]
+            manifest["metrics"]["fusion"] = fusion["metrics"]
         write_manifest(tmp, manifest)
     print(f"bundle written to {out_dir}", flush=True)
     return out_dir

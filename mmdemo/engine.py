@@ -61,6 +61,17 @@ class CaptionHit:
     image_id: int
 
 
+@dataclass
+class Answer:
+    """One fusion model's reading of an image and a text."""
+
+    method: str
+    kind: str | None  # what the text asks, by the kind head; None where the model reads no text
+    labels: dict[str, float]  # the top-k classes and their probabilities
+    values: dict[str, float]  # every regression output by name (e.g. x, y, area)
+    attention: np.ndarray | None  # float32 (h, w) summing to 1, cross_attention only
+
+
 class Engine:
     """The one object the app talks to. Build with `Engine.load(bundle_dir)`."""
 
@@ -164,3 +175,60 @@ class Engine:
         if item_id not in self.gallery:
             raise KeyError(f"no gallery item with id {item_id}")
         return Image.open(self.root / self.gallery[item_id]["file"]).convert("RGB")
+
+    # ------------------------------------------------------------------ fusion
+
+    @property
+    def fusion(self) -> dict:
+        """The bundle's fusion section (methods, default, task, examples); {} if none."""
+        return self.manifest.get("fusion", {})
+
+    def classify(self, image, text: str, method: str | None = None, a: float = 0.5,
+                 k: int = 5) -> Answer:
+        """Answer a question (or classify a caption) about an image with one fusion model.
+
+        `method` is one of self.fusion["methods"] (default: the bundle's best); `a` weighs the
+        image in weighted_sum (1 ignores the text, 0 the image). Probabilities are a softmax
+        over the classes, or per-class sigmoids for a multi-label task.
+        """
+        if not self.fusion:
+            raise ValueError("this bundle has no fusion models; export it with "
+                             "`python -m export RUN BUNDLE --fusion FUSION_RUN`")
+        method = method or self.fusion["default"]
+        if method not in self.fusion["methods"]:
+            raise ValueError(f"fusion method {method!r}; this bundle has "
+                             f"{self.fusion['methods']}")
+        if not 0.0 <= a <= 1.0:
+            raise ValueError(f"a is {a}; expected a weight in [0, 1]")
+        if k < 1:
+            raise ValueError(f"k is {k}; expected at least 1")
+        role = f"fusion_{method}"
+        sess = self.sessions[role]
+        wanted = {i.name for i in sess.get_inputs()}
+        feed = {}
+        if "image" in wanted:
+            feed["image"] = preprocess([image], self.spec)
+        if "input_ids" in wanted:
+            text = str(text).strip()
+            if not text:
+                raise ValueError("empty question; type one such as 'what color is the square?'")
+            feed["input_ids"], feed["attention_mask"] = self.tokenizer([text])
+        if "a" in wanted:
+            feed["a"] = np.array([a], dtype=np.float32)
+        names = [o.name for o in sess.get_outputs()]
+        out = dict(zip(names, (v[0] for v in sess.run(names, feed))))
+        task = self.fusion["task"]
+        logits = out["logits"].astype(np.float64)
+        if task["multilabel"]:
+            probs = 1.0 / (1.0 + np.exp(-logits))
+        else:
+            e = np.exp(logits - logits.max())
+            probs = e / e.sum()
+        top = np.argsort(-probs)[:k]
+        kind = None
+        if "input_ids" in wanted:
+            kind = task["kinds"][int(np.argmax(out["kinds"]))]
+        return Answer(method=method, kind=kind,
+                      labels={task["classes"][i]: float(probs[i]) for i in top},
+                      values={n: float(v) for n, v in zip(task["values"], out["values"])},
+                      attention=out.get("attention"))

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny shapes world, a tiny trained run, its bundle, and the default bundle.
+"""Shared fixtures: a tiny shapes world, a tiny trained run and fusion run, their bundle, and the
+default bundle.
 
 Everything runs on the CPU, offline, and binds 127.0.0.1 only.
 """
@@ -41,11 +42,24 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     return main(["--data", str(tiny_data), "--out", str(out), *TINY_TRAIN])
 
 
+TINY_FUSION = ["--epochs", "1", "--batch-images", "32", "--dim", "32", "--heads", "2",
+               "--warmup-steps", "2", "--seed", "0"]
+
+
 @pytest.fixture(scope="session")
-def tiny_bundle(tiny_run, tmp_path_factory) -> Path:
+def tiny_fusion(tiny_run, tmp_path_factory) -> Path:
+    from training.train_fusion import main
+
+    return main(["--run", str(tiny_run), "--out", str(tmp_path_factory.mktemp("fusion")),
+                 *TINY_FUSION])
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run, tiny_fusion, tmp_path_factory) -> Path:
     from export.__main__ import main
 
-    return main([str(tiny_run), str(tmp_path_factory.mktemp("bundles") / "tiny")])
+    return main([str(tiny_run), str(tmp_path_factory.mktemp("bundles") / "tiny"),
+                 "--fusion", str(tiny_fusion)])
 
 
 @pytest.fixture(scope="session")

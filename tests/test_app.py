@@ -3,6 +3,7 @@ through gradio_client, and the page driven in a real headless Chromium."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -96,6 +97,34 @@ def test_image_endpoints(client):
     assert _labels(g0) != _labels(g1)
 
 
+def test_classify(client, tiny_bundle):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    from training.data.shapes import ANSWERS, QUESTION_KINDS
+
+    example = handle_file(str(ROOT / "examples" / "scene_3.png"))
+    fused, image_only, text_only, overlay, note = client.predict(
+        example, "what color is the square?", "cross_attention", 0.5, api_name="/classify")
+    kind = next(k for k in QUESTION_KINDS if f"asks for:** {k}" in note)
+    if kind in ("position", "area"):  # a numeric answer comes as words
+        assert "x " in fused["label"] or "area " in fused["label"]
+    else:
+        assert fused["label"] in ANSWERS and len(fused["confidences"]) == 5
+        assert image_only["label"] in ANSWERS and text_only["label"] in ANSWERS
+    assert Path(overlay).is_file() and "cross-attention" in note
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    ex = manifest["fusion"]["examples"][4]  # a position question from the test split
+    assert ex["kind"] == "position"
+    img = handle_file(str(tiny_bundle / "gallery" / f"{ex['image_id']}.png"))
+    fused, *_ = client.predict(img, ex["text"], "weighted_sum", 0.3, api_name="/classify")
+    assert fused["label"]
+    with pytest.raises(AppError, match="Upload an image first"):
+        client.predict(None, "is there a star?", "concat", 0.5, api_name="/classify")
+    with pytest.raises(AppError, match="Type a description first"):
+        client.predict(example, "  ", "concat", 0.5, api_name="/classify")
+
+
 def test_about_shows_manifest_and_provider(client):
     md, curves = client.predict(api_name="/about")
     assert "Execution provider" in md and "CPUExecutionProvider" in md
@@ -118,7 +147,7 @@ def test_bad_input_gets_a_clear_message(client):
         client.predict("a red circle " * 60, 5, api_name="/search_by_text")
 
 
-def test_page_in_headless_chromium(server, tmp_path):
+def test_page_in_headless_chromium(server, tiny_bundle, tmp_path):
     if not Path(CHROMIUM).exists():
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed; .ci/run installs it with apt")
@@ -134,8 +163,8 @@ def test_page_in_headless_chromium(server, tmp_path):
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(url, wait_until="load", timeout=60_000)
         page.get_by_role("tab", name="About").wait_for(timeout=30_000)
-        for tab in ("Retrieval", "About", "Text → images", "Image → images",
-                    "Image → captions", "Image + text"):
+        for tab in ("Retrieval", "Fused classification", "About", "Text → images",
+                    "Image → images", "Image → captions", "Image + text"):
             assert page.get_by_role("tab", name=tab).count() >= 1, tab
         thumbs = page.locator(".thumbnail-item img")
         assert thumbs.count() == 0
@@ -149,6 +178,15 @@ def test_page_in_headless_chromium(server, tmp_path):
         image_tab = page.get_by_role("tab", name="Image → images")
         page.wait_for_function("t => t.getAttribute('aria-selected') === 'true'",
                                arg=image_tab.element_handle(), timeout=30_000)
+        # the fused tab: an example fills image, question and true answer; Answer answers
+        page.get_by_role("tab", name="Fused classification").click()
+        truth = page.get_by_label("True answer (examples only)")
+        first = json.loads((tiny_bundle / "manifest.json").read_text())["fusion"]["examples"][0]
+        page.locator("tr, .gallery-item").filter(has_text=first["text"]).first.click()
+        page.wait_for_function("e => e.value.length > 0", arg=truth.element_handle(),
+                               timeout=30_000)
+        page.get_by_role("button", name="Answer").click()
+        page.get_by_text("The question asks for:").wait_for(timeout=30_000)
         browser.close()
     assert n_images == 12  # the default number of results
     from PIL import Image

@@ -122,3 +122,96 @@ def test_serving_never_imports_torch(tiny_bundle, no_torch):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok ")
+
+
+# ----------------------------------------------------------------------------- fusion
+
+
+def test_fusion_models_are_listed_with_their_labels(tiny_bundle):
+    from export.fusion import graph_inputs, graph_outputs
+    from training.data.shapes import ANSWERS, QUESTION_KINDS, VALUES
+    from training.fusion import METHODS
+
+    m = read_manifest(tiny_bundle)
+    assert m["fusion"]["methods"] == METHODS
+    assert m["fusion"]["default"] in ("weighted_sum", "concat", "cross_attention")
+    task = m["fusion"]["task"]
+    assert task["classes"] == ANSWERS and task["values"] == VALUES
+    assert task["kinds"] == QUESTION_KINDS and task["multilabel"] is False
+    for method in METHODS:
+        spec = m["models"][f"fusion_{method}"]
+        assert [i["name"] for i in spec["inputs"]] == graph_inputs(method)
+        assert [o["name"] for o in spec["outputs"]] == graph_outputs(method)
+        assert spec["file"] in m["files"]
+        got = m["metrics"]["fusion"]["methods"][method]
+        assert got["parity_max_rel_diff"] <= 1e-4
+        assert 0.0 <= got["accuracy"] <= 1.0 and "acc_shape_rel" in got and "mae_x" in got
+    assert set(m["metrics"]["fusion"]["weighted_sum_a"]) == {"0.0", "0.5", "1.0"}
+    kinds = {e["kind"] for e in m["fusion"]["examples"]}
+    assert kinds == set(QUESTION_KINDS)  # examples of every kind, with true answers
+    assert all("answer" in e or "values" in e for e in m["fusion"]["examples"])
+
+
+def test_engine_classify_matches_pytorch(tiny_bundle, tiny_fusion, tiny_data):
+    """The served answer (numpy preprocessing, ONNX Runtime) equals the trained model's
+    (torchvision preprocessing, PyTorch), for every method, on questions of every kind."""
+    import torch
+    from PIL import Image
+
+    from training.data.tasks import load_shapes_tasks
+    from training.fusion import METHODS
+    from training.train_fusion import load_fusion
+
+    engine = Engine.load(tiny_bundle)
+    tasks = load_shapes_tasks(tiny_data, "test")
+    rows = [int(np.flatnonzero(tasks.kinds == k)[0]) for k in range(len(tasks.kind_names))]
+    paths = [tasks.paths()[tasks.item_image[r]] for r in rows]
+    tok = engine.tokenizer
+    for method in METHODS:
+        model, meta = load_fusion(tiny_fusion / method)
+        images = load_images(paths, engine.spec)
+        ids, mask = tok([tasks.texts[r] for r in rows])
+        with torch.no_grad():
+            ref = model(images, torch.from_numpy(ids), torch.from_numpy(mask),
+                        torch.full((len(rows),), 0.25))
+        for j, r in enumerate(rows):
+            with Image.open(paths[j]) as im:
+                ans = engine.classify(im, tasks.texts[r], method, a=0.25,
+                                      k=len(tasks.class_names))
+            probs = torch.softmax(ref["logits"][j].double(), 0).numpy()
+            got = np.array([ans.labels[c] for c in tasks.class_names])
+            assert np.abs(got - probs).max() < 1e-4, (method, np.abs(got - probs).max())
+            assert np.allclose([ans.values[v] for v in tasks.value_names],
+                               ref["values"][j].numpy(), atol=1e-4)
+            if method == "cross_attention":
+                assert np.allclose(ans.attention, ref["attention"][j].numpy(), atol=1e-5)
+                assert ans.attention.sum() == pytest.approx(1.0, abs=1e-4)
+            if method != "image_only":
+                assert ans.kind == tasks.kind_names[int(ref["kinds"][j].argmax())]
+            else:
+                assert ans.kind is None  # it reads no text, so it cannot tell what is asked
+
+
+def test_classify_weighted_sum_ends_and_bad_input(tiny_bundle, tiny_data):
+    from PIL import Image
+
+    engine = Engine.load(tiny_bundle)
+    paths = sorted((tiny_data / "images" / "test").glob("*.png"))[:2]
+    a_img, b_img = (Image.open(p).convert("RGB") for p in paths)
+    one = [engine.classify(a_img, q, "weighted_sum", a=1.0).labels
+           for q in ("what color is the square?", "is there a star?")]
+    assert one[0] == one[1]  # a = 1: the text does not count
+    zero = [engine.classify(im, "what color is the square?", "weighted_sum", a=0.0).labels
+            for im in (a_img, b_img)]
+    assert zero[0] == zero[1]  # a = 0: the image does not count
+    with pytest.raises(ValueError, match="fusion method 'best'"):
+        engine.classify(a_img, "is there a star?", "best")
+    with pytest.raises(ValueError, match=r"a is 1.5; expected a weight in \[0, 1\]"):
+        engine.classify(a_img, "is there a star?", "weighted_sum", a=1.5)
+    with pytest.raises(ValueError, match="empty question"):
+        engine.classify(a_img, "   ", "concat")
+    with pytest.raises(ValueError, match="k is 0"):
+        engine.classify(a_img, "is there a star?", k=0)
+    engine.manifest = {k: v for k, v in engine.manifest.items() if k != "fusion"}
+    with pytest.raises(ValueError, match="this bundle has no fusion models"):
+        engine.classify(a_img, "is there a star?")

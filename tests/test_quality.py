@@ -54,3 +54,49 @@ def test_binding_beats_chance_by_far(served):
     # the swapped caption really is a different query: its embedding moved
     diff = np.abs(engine.encode_texts(true[:5]) - engine.encode_texts(swapped[:5])).max()
     assert diff > 1e-3
+
+
+# ----------------------------------------------------------------------------- fusion
+
+FUSION_FLOORS = {"best_accuracy": 0.90, "over_single": 0.25, "mae_position": 0.05}
+
+
+def test_fusion_ablation_meets_the_targets(served):
+    _, m = served
+    f = m["metrics"]["fusion"]
+    methods, best = f["methods"], f["best"]
+    assert best in ("weighted_sum", "concat", "cross_attention")
+    acc = methods[best]["accuracy"]
+    single = max(methods["image_only"]["accuracy"], methods["text_only"]["accuracy"])
+    assert acc >= FUSION_FLOORS["best_accuracy"], f"{best} accuracy {acc:.3f}"
+    assert acc - single >= FUSION_FLOORS["over_single"], f"{acc:.3f} vs single {single:.3f}"
+    assert methods[best]["mae_position"] <= FUSION_FLOORS["mae_position"]
+    # weighted sum: the ends behave like the single modalities, the middle beats both ends
+    sweep = f["weighted_sum_a"]
+    assert sweep["0.0"]["accuracy"] <= methods["text_only"]["accuracy"] + 0.05
+    assert sweep["1.0"]["accuracy"] <= methods["image_only"]["accuracy"] + 0.05
+    assert sweep["0.5"]["accuracy"] > max(sweep["0.0"]["accuracy"], sweep["1.0"]["accuracy"])
+
+
+def test_engine_reproduces_the_fusion_ablation(served):
+    """Every test question through Engine.classify (numpy preprocessing, ONNX Runtime) gives
+    the manifest's accuracy and position error for the bundle's default method."""
+    from training.data.tasks import load_shapes_tasks
+
+    engine, m = served
+    method = engine.fusion["default"]
+    tasks = load_shapes_tasks(m["train_config"]["data"], "test")
+    images = {i: engine.gallery_image(i) for i in tasks.image_ids}
+    right, n, err = 0, 0, []
+    jx, jy = tasks.value_names.index("x"), tasks.value_names.index("y")
+    for r, text in enumerate(tasks.texts):
+        ans = engine.classify(images[tasks.image_ids[tasks.item_image[r]]], text, method, k=1)
+        if tasks.labels[r] >= 0:
+            n += 1
+            right += next(iter(ans.labels)) == tasks.class_names[tasks.labels[r]]
+        elif np.isfinite(tasks.values[r, jx]):
+            err += [abs(ans.values["x"] - tasks.values[r, jx]),
+                    abs(ans.values["y"] - tasks.values[r, jy])]
+    want = m["metrics"]["fusion"]["methods"][method]
+    assert right / n == pytest.approx(want["accuracy"], abs=0.002)
+    assert float(np.mean(err)) == pytest.approx(want["mae_position"], abs=0.002)

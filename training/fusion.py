@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.models import Block
 
 METHODS = ["image_only", "text_only", "weighted_sum", "concat", "cross_attention"]
 FUSED = ["weighted_sum", "concat", "cross_attention"]
@@ -40,14 +39,17 @@ class CrossAttention(nn.Module):
         self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, index: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, index: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         b, n, d = x.shape
         h = self.heads
         q = self.q(x).reshape(b, n, h, d // h).transpose(1, 2)  # (B, H, L, d/H)
         kv = _pick(self.kv(ctx), index)  # (B, M, 2d), computed once per distinct context
         k, v = kv.reshape(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
-        att = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1)  # (B, H, L, M)
+        att = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, L, M)
+        if key_mask is not None:  # padding is never looked at
+            att = att.masked_fill(key_mask[:, None, None, :] == 0, -1e4)
+        att = att.softmax(-1)
         y = (att @ v).transpose(1, 2).reshape(b, n, d)
         return self.proj(y), att
 
@@ -85,19 +87,23 @@ class ImageSummary(nn.Module):
 
 
 class TextSummary(nn.Module):
-    """f2: tokens (B, L, d) -> (B, d), after one trainable block over the token states (the
-    encoder may be frozen; this block learns to read questions)."""
+    """f2: tokens (B, L, d) -> (B, d). Learned queries pool the token states by attention
+    (the encoder's states already carry context; this part learns what a question asks), and
+    an MLP mixes the pools with the first token."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, queries: int = 4):
         super().__init__()
-        self.block = Block(dim, heads)
-        self.mlp = nn.Sequential(nn.Linear(2 * dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.ln = nn.LayerNorm(dim)
+        self.queries = nn.Parameter(torch.randn(1, queries, dim) * 0.02)
+        self.pool = CrossAttention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear((queries + 1) * dim, 2 * dim), nn.GELU(),
+                                 nn.Linear(2 * dim, dim))
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.block(tokens, mask)
-        m = mask.unsqueeze(-1).to(x.dtype)
-        mean = (x * m).sum(1) / m.sum(1).clamp(min=1.0)
-        return self.mlp(torch.cat([x[:, 0], mean], 1))
+        x = self.ln(tokens)
+        q = self.queries.expand(x.shape[0], -1, -1)
+        pooled, _ = self.pool(q, x, key_mask=mask)  # (B, queries, d)
+        return self.mlp(torch.cat([x[:, 0], pooled.flatten(1)], 1))
 
 
 def head(dim: int, out: int) -> nn.Sequential:
@@ -106,7 +112,9 @@ def head(dim: int, out: int) -> nn.Sequential:
 
 
 def _pick(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    return x if index is None else x[index]
+    """Rows of x by index (None: all, as they are). index_select, whose gradient is a fast
+    index_add; x[index] would take a serial index_put."""
+    return x if index is None else torch.index_select(x, 0, index)
 
 
 class FusionModel(nn.Module):

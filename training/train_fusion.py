@@ -52,7 +52,7 @@ class FusionConfig:
     limit_train: int | None = None  # keep only the first N training images
     limit_val: int | None = None  # keep only the first N validation images
     methods: str = ",".join(METHODS)  # comma-separated, from training.fusion.METHODS
-    epochs: int = 6  # passes over the training items
+    epochs: int = 4  # passes over the training items
     batch_images: int = 48  # images per step, each with all of its items (about 5 on shapes)
     lr: float = 2e-3  # peak learning rate (AdamW), cosine decay to lr / 20
     weight_decay: float = 0.05  # AdamW weight decay
