@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 METHODS = ["image_only", "text_only", "weighted_sum", "concat", "cross_attention"]
 FUSED = ["weighted_sum", "concat", "cross_attention"]
 
