@@ -173,7 +173,9 @@ def classify(image, text: str, method: str = "cross_attention", a: float = 0.5):
             + (f" with a = {a:.2f} (image weight)" if fused.method == "weighted_sum" else "")
             + ("  \nRed: where the question looked in the image (last layer)."
                if fused.attention is not None else "")
-            + ("  \nCyan: the predicted position." if position else ""))
+            + ("  \nCyan: the predicted position." if position else "")
+            + ("".join(f"  \n**{n}:** {fused.values[n]:.2f}" for n in wants.get("values", []))
+               if wants.get("class") else ""))  # e.g. COCO: classes and a count together
     return (_answer_text(fused, fused.kind, task),
             *(_answer_text(base[m], fused.kind, task) if m in base else {}
               for m in ("image_only", "text_only")),

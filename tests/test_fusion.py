@@ -222,3 +222,35 @@ def test_fusion_trains_and_exports_on_coco(tmp_path):
     assert all(0.0 < p < 1.0 for p in ans.labels.values())  # sigmoids, not a softmax
     assert sum(ans.labels.values()) != pytest.approx(1.0, abs=1e-3)
     assert set(ans.values) == {"count"}
+
+
+@pytest.mark.slow
+def test_fine_tuning_moves_the_encoders_and_freezing_does_not(tiny_run, tiny_fusion, tmp_path):
+    from safetensors.torch import load_file
+
+    from training.train_fusion import main
+
+    spine = load_file(tiny_run / "checkpoints" / "last" / "model.safetensors")
+    out = main(["--run", str(tiny_run), "--out", str(tmp_path / "ft"), "--methods", "concat",
+                "--epochs", "1", "--batch-images", "32", "--dim", "32", "--heads", "2",
+                "--no-freeze-image", "--no-freeze-text"])
+
+    def drift(fusion_dir, prefix):
+        w = load_file(fusion_dir / "concat" / "checkpoints" / "last" / "model.safetensors")
+        return max(float((w[k] - spine[k]).abs().max()) for k in spine
+                   if k.startswith(prefix) and k in w and w[k].is_floating_point())
+
+    for prefix in ("image_backbone.features", "text_backbone"):
+        assert drift(out, prefix) > 1e-4, f"{prefix} did not move when fine-tuned"
+        assert drift(tiny_fusion, prefix) == 0.0, f"{prefix} moved while frozen"
+
+
+def test_fusion_cli_names_bad_options(tiny_run, tmp_path, capsys):
+    from training.train_fusion import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--run", str(tiny_run), "--out", str(tmp_path), "--methods", "concat,mlp"])
+    assert e.value.code == 2 and "choose from" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--run", str(tiny_run), "--out", str(tmp_path), "--train-captions", "x.json"])
+    assert e.value.code == 2 and "COCO fusion needs" in capsys.readouterr().err
