@@ -202,6 +202,17 @@ def about() -> tuple[str, str | None]:
         f"#### Metrics on the {m['metrics']['split']} split (ONNX Runtime + hnswlib)\n\n"
         f"| metric | value |\n|---|---|\n{rows}\n"
     )
+    fusion = m["metrics"].get("fusion")
+    if fusion:
+        score = fusion["score"]
+        errs = sorted({k for r in fusion["methods"].values() for k in r if k.startswith("mae_")})
+        text += (f"\n#### Fused classification on the {m['metrics']['split']} split "
+                 f"(best: {METHOD_NAMES.get(fusion['best'], fusion['best'])})\n\n"
+                 f"| method | {score} | " + " | ".join(errs) + " |\n|---|---|"
+                 + "---|" * len(errs) + "\n")
+        for name, r in fusion["methods"].items():
+            text += (f"| {METHOD_NAMES.get(name, name)} | {r[score]:.3f} | "
+                     + " | ".join(f"{r[k]:.3f}" if k in r else "" for k in errs) + " |\n")
     curves = str(e.root / m["curves"]) if m.get("curves") else None
     return text, curves
 

@@ -89,11 +89,11 @@ def run_ort(sess, method: str, tasks: TaskSet, images: np.ndarray, tok: TextToke
 
 def parity(model, sess, method: str, tasks: TaskSet, images: np.ndarray, tok: TextTokenizer
            ) -> dict:
-    """ORT against PyTorch on items of every kind, texts of different lengths, batch 7."""
-    rows = []
-    for k in range(len(tasks.kind_names)):
-        rows += list(np.flatnonzero(tasks.kinds == k)[:2])
-    rows = np.array((rows + list(range(7)))[:7])
+    """ORT against PyTorch on an item of every kind (texts of different lengths) and a few
+    more: a batch of 7 or more, never the traced 2."""
+    per_kind = [np.flatnonzero(tasks.kinds == k) for k in range(len(tasks.kind_names))]
+    rows = [int(r[0]) for r in per_kind if len(r)] + [int(r[1]) for r in per_kind if len(r) > 1]
+    rows = np.array((rows + list(range(7)))[:max(7, len(per_kind))])
     sub = TaskSet(tasks.image_dir, tasks.image_ids, tasks.files, tasks.item_image[rows],
                   [tasks.texts[r] for r in rows], tasks.kinds[rows], tasks.labels[rows],
                   tasks.values[rows], tasks.class_names, tasks.value_names, tasks.kind_names)

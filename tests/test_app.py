@@ -129,6 +129,7 @@ def test_about_shows_manifest_and_provider(client):
     md, curves = client.predict(api_name="/about")
     assert "Execution provider" in md and "CPUExecutionProvider" in md
     assert "t2i_R@10" in md and Path(curves).is_file()
+    assert "Fused classification on the test split" in md and "cross-attention |" in md
 
 
 def test_bad_input_gets_a_clear_message(client):
