@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 import torch.nn as nn
 
@@ -18,7 +19,7 @@ from mmdemo.text import TextTokenizer
 from training.data.tasks import TaskSet, load_coco_tasks, load_shapes_tasks
 from training.data.transforms import load_images
 from training.evaluate import task_metrics
-from training.fusion import METHODS
+from training.fusion import METHODS, FusionModel
 from training.train_fusion import load_fusion
 
 A_SWEEP = [0.0, 0.5, 1.0]  # weighted_sum is also measured at these image weights
@@ -45,12 +46,12 @@ class FusionOnnx(nn.Module):
     """Named inputs as graph_inputs(method) -> logits (N, C), values (N, R), kinds (N, K)
     [, attention (N, h, w)]."""
 
-    def __init__(self, model):
+    def __init__(self, model: FusionModel):
         super().__init__()
         self.model = model
         self.names = graph_inputs(model.method)
 
-    def forward(self, *args):
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = dict(zip(self.names, args))
         image = x.get("image")
         ids, mask = x.get("input_ids"), x.get("attention_mask")
@@ -61,6 +62,7 @@ class FusionOnnx(nn.Module):
 
 
 def task_split(meta: dict, spine_train: dict, data: str | None, split: str) -> TaskSet:
+    """The fusion run's evaluation items: COCO val as configured, else a shapes-world split."""
     fc = meta["fusion_config"]
     if fc.get("val_captions"):
         return load_coco_tasks(fc["val_captions"], fc["val_instances"], fc["val_images"],
@@ -68,8 +70,8 @@ def task_split(meta: dict, spine_train: dict, data: str | None, split: str) -> T
     return load_shapes_tasks(data or fc.get("data") or spine_train["data"], split)
 
 
-def run_ort(sess, method: str, tasks: TaskSet, images: np.ndarray, tok: TextTokenizer,
-            a: float = 0.5, bs: int = 256) -> dict[str, np.ndarray]:
+def run_ort(sess: ort.InferenceSession, method: str, tasks: TaskSet, images: np.ndarray,
+            tok: TextTokenizer, a: float = 0.5, bs: int = 256) -> dict[str, np.ndarray]:
     """Every item of `tasks` through one fusion graph; images: float32 (N_img, 3, S, S)."""
     names = graph_outputs(method)
     outs: dict[str, list] = {k: [] for k in names}
@@ -87,8 +89,8 @@ def run_ort(sess, method: str, tasks: TaskSet, images: np.ndarray, tok: TextToke
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
-def parity(model, sess, method: str, tasks: TaskSet, images: np.ndarray, tok: TextTokenizer
-           ) -> dict:
+def parity(model: FusionModel, sess: ort.InferenceSession, method: str, tasks: TaskSet,
+           images: np.ndarray, tok: TextTokenizer) -> dict:
     """ORT against PyTorch on an item of every kind (texts of different lengths) and a few
     more: a batch of 7 or more, never the traced 2."""
     per_kind = [np.flatnonzero(tasks.kinds == k) for k in range(len(tasks.kind_names))]
