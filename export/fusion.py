@@ -7,19 +7,18 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 import torch.nn as nn
 
-from export.onnx import OPSET, ExportError, io_spec
+from export.onnx import OPSET, ExportError, export_onnx, io_spec
 from mmdemo.engine import open_session
 from mmdemo.preprocess import PreprocessSpec
 from mmdemo.text import TextTokenizer
 from training.data.tasks import TaskSet, load_coco_tasks, load_shapes_tasks
 from training.data.transforms import load_images
 from training.evaluate import task_metrics
-from training.fusion import METHODS, FusionModel
+from training.fusion import FUSED, METHODS, FusionModel
 from training.train_fusion import load_fusion
 
 A_SWEEP = [0.0, 0.5, 1.0]  # weighted_sum is also measured at these image weights
@@ -73,14 +72,14 @@ def task_split(meta: dict, spine_train: dict, data: str | None, split: str) -> T
 def run_ort(sess: ort.InferenceSession, method: str, tasks: TaskSet, images: np.ndarray,
             tok: TextTokenizer, a: float = 0.5, bs: int = 256) -> dict[str, np.ndarray]:
     """Every item of `tasks` through one fusion graph; images: float32 (N_img, 3, S, S)."""
-    names = graph_outputs(method)
+    names, inputs = graph_outputs(method), graph_inputs(method)
     outs: dict[str, list] = {k: [] for k in names}
     for s in range(0, len(tasks), bs):
         rows = np.arange(s, min(s + bs, len(tasks)))
         feed = {}
-        if "image" in graph_inputs(method):
+        if "image" in inputs:
             feed["image"] = images[tasks.item_image[rows]]
-        if "input_ids" in graph_inputs(method):
+        if "input_ids" in inputs:
             feed["input_ids"], feed["attention_mask"] = tok([tasks.texts[r] for r in rows])
         if method == "weighted_sum":
             feed["a"] = np.full(len(rows), a, dtype=np.float32)
@@ -144,11 +143,8 @@ def export_fusion(fusion_dir: Path, tmp: Path, spine_meta: dict, gallery_ids: li
         for n in ("input_ids", "attention_mask"):
             if n in dynamic:
                 dynamic[n] = {0: "batch", 1: "length"}
-        path = tmp / f"fusion_{method}.onnx"
-        torch.onnx.export(FusionOnnx(model).eval(), tuple(sample[n] for n in names), str(path),
-                          input_names=names, output_names=graph_outputs(method),
-                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
-        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+        path = export_onnx(FusionOnnx(model), tuple(sample[n] for n in names), names, dynamic,
+                           tmp / f"fusion_{method}.onnx", tuple(graph_outputs(method)))
         sess = open_session(path)
         check = parity(model, sess, method, tasks, images, tok)
         metrics[method] = task_metrics(run_ort(sess, method, tasks, images, tok), tasks)
@@ -162,7 +158,7 @@ def export_fusion(fusion_dir: Path, tmp: Path, spine_meta: dict, gallery_ids: li
         print(f"fusion {method}: parity {check['max_rel_diff']:.1e}, {split} score "
               f"{head:.3f}", flush=True)
     score = "mAP" if task["multilabel"] else "accuracy"
-    fused = [m for m in methods if m in ("weighted_sum", "concat", "cross_attention")]
+    fused = [m for m in methods if m in FUSED]
     best = max(fused or methods, key=lambda m: metrics[m][score])
     return {"models": models, "metrics": {"methods": metrics, "weighted_sum_a": sweep,
                                           "score": score, "best": best},

@@ -62,11 +62,11 @@ class TextEncoderOnnx(nn.Module):
         return self.model.encode_text(input_ids, attention_mask)
 
 
-def export_onnx(module: nn.Module, args: tuple, names: list[str], dynamic: dict, path: Path
-                ) -> Path:
+def export_onnx(module: nn.Module, args: tuple, names: list[str], dynamic: dict, path: Path,
+                outputs: tuple[str, ...] = ("embedding",)) -> Path:
     """One graph, weights inside, dynamic axes as given; checked with onnx.checker (full)."""
     torch.onnx.export(module.eval(), args, str(path), input_names=names,
-                      output_names=["embedding"], dynamic_axes=dynamic, opset_version=OPSET,
+                      output_names=list(outputs), dynamic_axes=dynamic, opset_version=OPSET,
                       dynamo=False)
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     return path

@@ -164,7 +164,7 @@ class HFTextModel(nn.Module):
         return self.net(input_ids=ids, attention_mask=mask).last_hidden_state
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.net(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, H)
+        h = self.forward_tokens(ids, mask)  # (B, L, H)
         m = mask.unsqueeze(-1).to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
 

@@ -123,14 +123,10 @@ def sample_a(rng: random.Random, endpoints: float) -> float:
 # ----------------------------------------------------------------------------- models
 
 
-def spine_model_config(meta: dict) -> ModelConfig:
-    return ModelConfig(**meta["model_config"])
-
-
 def build_fusion(method: str, spine, meta: dict, task: dict, cfg: FusionConfig) -> FusionModel:
     """A fusion model over copies of the spine's backbones, frozen as configured."""
     img, txt = copy.deepcopy(spine.image_backbone), copy.deepcopy(spine.text_backbone)
-    grid = feature_grid(img, spine_model_config(meta).image_size)
+    grid = feature_grid(img, meta["model_config"]["image_size"])
     model = FusionModel(img, txt, method, grid, len(task["classes"]), len(task["values"]),
                         len(task["kinds"]), cfg.dim, cfg.heads, cfg.layers)
     for p in img.parameters():
