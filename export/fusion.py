@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from export.onnx import OPSET, ExportError, export_onnx, io_spec
+from mmdemo.bundle import recover_dir
 from mmdemo.engine import open_session
 from mmdemo.preprocess import PreprocessSpec
 from mmdemo.text import TextTokenizer
@@ -121,6 +122,8 @@ def export_fusion(fusion_dir: Path, tmp: Path, spine_meta: dict, gallery_ids: li
     folder `tmp`; returns {"models": manifest entries, "fusion": the fusion section,
     "metrics": the ablation}. gallery_images: float32 (N, 3, S, S) of gallery_ids, reused when
     the task's images are the gallery's (the shapes world's test split)."""
+    for m in METHODS:  # a save killed between its renames leaves the checkpoint aside
+        recover_dir(fusion_dir / m / "checkpoints" / "last")
     methods = [m for m in METHODS if (fusion_dir / m / "checkpoints" / "last").is_dir()]
     if not methods:
         raise FileNotFoundError(f"{fusion_dir} holds no trained fusion method")

@@ -60,6 +60,8 @@ def read_manifest(root: Path | str, verify: bool = True) -> dict:
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
+        recover_dir(root)  # a swap killed between its renames leaves the old bundle aside
+    if not path.is_file():
         raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing")
     try:
         manifest = json.loads(path.read_text())
@@ -81,24 +83,84 @@ def read_manifest(root: Path | str, verify: bool = True) -> dict:
     return manifest
 
 
+def _old(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.old")
+
+
+def recover_dir(dest: Path | str) -> None:
+    """Finish or undo a swap that `atomic_dir` was killed in the middle of.
+
+    The swap is two renames (dest -> .dest.old, tmp -> dest) and a removal. Killed between the
+    renames, dest is missing and .dest.old is the previous state: it is put back. Killed during
+    the removal, .dest.old is a leftover and goes. Temporaries of writers that are no longer
+    running (.dest.tmp-PID-*) go too: they were never renamed into place.
+    """
+    dest = Path(dest).absolute()
+    old = _old(dest)
+    if old.exists():
+        if dest.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, dest)
+    for tmp in dest.parent.glob(f".{dest.name}.tmp-*"):
+        pid = tmp.name.split("-")[1] if tmp.name.count("-") >= 2 else ""
+        if not (pid.isdigit() and _running(int(pid))):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: Path | str) -> Iterator[Path]:
     """Yield a temporary directory beside `dest`; on success it replaces `dest` by rename.
 
-    On an exception the temporary directory is removed and `dest` is left as it was.
+    On an exception the temporary directory is removed and `dest` is left as it was. Killed at
+    any moment (SIGKILL, power), the next `recover_dir(dest)` (which every writer and reader
+    calls first) leaves either the old or the new directory, never a mix.
     """
     dest = Path(dest).absolute()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    recover_dir(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # as mkdir would make it, not mkdtemp's 0700
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
+    _fsync_tree(tmp)
+    old = _old(dest)
     if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         os.replace(dest, old)
     os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(dest.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under root to disk, so a rename never publishes unwritten data."""
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)

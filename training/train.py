@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from mmdemo.bundle import atomic_dir, recover_dir
 from mmdemo.preprocess import PreprocessSpec
 from mmdemo.text import TextTokenizer
 from training.data.coco import CaptionSet, load_captions, load_shapes_split
@@ -56,7 +57,7 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 leaves torch's default
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # image normalisation
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])  # image normalisation
-    resume: bool = True  # continue from out/checkpoints/last.* when present
+    resume: bool = True  # continue from out/checkpoints/last when present
 
 
 # ----------------------------------------------------------------------------- data
@@ -107,24 +108,29 @@ def epoch_batches(data: CaptionSet, cfg: TrainConfig, epoch: int):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(ckpt_dir: Path, model: DualEncoder, opt: torch.optim.Optimizer,
+def save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
                     meta: dict) -> None:
-    """model.safetensors + optimizer.safetensors + meta.json, written then renamed."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    """model.safetensors + optimizer.safetensors + rng.safetensors + meta.json, written into a
+    temporary directory that replaces ckpt_dir whole: killed at any moment, the next
+    `recover_dir(ckpt_dir)` leaves the previous checkpoint or this one, never a mix."""
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, ckpt_dir / "model.safetensors.tmp")
     osd = opt.state_dict()
     otensors = {f"{pid}.{name}": t.contiguous() for pid, st in osd["state"].items()
                 for name, t in st.items() if torch.is_tensor(t)}
-    save_file(otensors, ckpt_dir / "optimizer.safetensors.tmp")
     meta = {**meta, "param_groups": osd["param_groups"]}
-    (ckpt_dir / "meta.json.tmp").write_text(json.dumps(meta, indent=2))
-    for name in ("model.safetensors", "optimizer.safetensors", "meta.json"):
-        (ckpt_dir / f"{name}.tmp").replace(ckpt_dir / name)
+    with atomic_dir(ckpt_dir) as tmp:
+        save_file(tensors, tmp / "model.safetensors")
+        save_file(otensors, tmp / "optimizer.safetensors")
+        # torch's generator, so a resumed run draws what an uninterrupted one would
+        save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
-def load_checkpoint(ckpt_dir: Path, model: DualEncoder,
+def load_checkpoint(ckpt_dir: Path, model: torch.nn.Module,
                     opt: torch.optim.Optimizer | None = None) -> dict:
+    """Load weights (and optimizer state and torch's RNG state, with opt) from a checkpoint
+    directory, after repairing a save that was killed halfway; returns its meta."""
+    recover_dir(ckpt_dir)
     meta = json.loads((ckpt_dir / "meta.json").read_text())
     model.load_state_dict(load_file(ckpt_dir / "model.safetensors"))
     if opt is not None:
@@ -134,12 +140,33 @@ def load_checkpoint(ckpt_dir: Path, model: DualEncoder,
             pid, name = key.split(".", 1)
             state.setdefault(int(pid), {})[name] = t
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        if (ckpt_dir / "rng.safetensors").is_file():  # absent in checkpoints from before it
+            torch.set_rng_state(load_file(ckpt_dir / "rng.safetensors")["torch"])
     return meta
+
+
+def trim_metrics(csv_path: Path, epochs: int) -> None:
+    """Drop rows past `epochs` from a metrics CSV: a run killed after writing an epoch's row but
+    before its checkpoint redoes that epoch, and must not log it twice."""
+    if not csv_path.is_file():
+        return
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    keep = [r for r in rows if int(r["epoch"]) <= epochs]
+    if len(keep) < len(rows) and fields:
+        tmp = csv_path.with_name(csv_path.name + ".tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(keep)
+        tmp.replace(csv_path)
 
 
 def load_run(run_dir: Path | str) -> tuple[DualEncoder, dict]:
     """The trained model of a run (eval mode) and its checkpoint metadata."""
     ckpt = Path(run_dir) / "checkpoints" / "last"
+    recover_dir(ckpt)
     if not (ckpt / "meta.json").is_file():
         raise FileNotFoundError(f"{run_dir} has no checkpoint; train it with `python -m training`")
     meta = json.loads((ckpt / "meta.json").read_text())
@@ -233,6 +260,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig) -> Path:
     loss_fn = LOSSES[cfg.loss](cfg.margin, cfg.hard_weight, cfg.t2t_weight)
 
     start_epoch, step = 0, 0
+    recover_dir(ckpt)
     if cfg.resume and (ckpt / "meta.json").is_file():
         meta = load_checkpoint(ckpt, model, opt)
         if meta["model_config"] != asdict(model_cfg):
@@ -249,6 +277,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig) -> Path:
     steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     csv_path = out / "metrics.csv"
+    trim_metrics(csv_path, start_epoch)
     (out / "config.json").write_text(json.dumps({"train_config": asdict(cfg),
                                                  "model_config": asdict(model_cfg)}, indent=2))
 

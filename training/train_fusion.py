@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from mmdemo.bundle import recover_dir
 from mmdemo.preprocess import PreprocessSpec
 from mmdemo.text import TextTokenizer
 from training.data.tasks import TaskSet, load_coco_tasks, load_shapes_tasks
@@ -35,7 +36,7 @@ from training.data.transforms import load_images
 from training.evaluate import task_metrics
 from training.fusion import METHODS, FusionModel, feature_grid, fusion_loss
 from training.models import ModelConfig, build_model
-from training.train import load_checkpoint, load_run, save_checkpoint
+from training.train import load_checkpoint, load_run, save_checkpoint, trim_metrics
 
 
 @dataclass
@@ -149,6 +150,7 @@ def load_fusion(method_dir: Path | str) -> tuple[FusionModel, dict]:
     """A trained fusion model (eval mode) and its meta, from out/<method>/."""
     method_dir = Path(method_dir)
     meta_path = method_dir / "checkpoints" / "last" / "meta.json"
+    recover_dir(meta_path.parent)
     if not meta_path.is_file():
         raise FileNotFoundError(f"{method_dir} has no checkpoint; train it with "
                                 "`python -m training.train_fusion`")
@@ -242,6 +244,7 @@ def train_method(method: str, cfg: FusionConfig, spine, meta: dict, train_set: T
                              {"params": [p for p in params if p.ndim < 2],
                               "weight_decay": 0.0}], lr=cfg.lr)
     start, step, metrics = 0, 0, {}
+    recover_dir(ckpt)
     if cfg.resume and (ckpt / "meta.json").is_file():
         saved = load_checkpoint(ckpt, model, opt)
         free = {"resume", "epochs", "out", "methods", "threads"}  # may change between runs
@@ -273,6 +276,7 @@ def train_method(method: str, cfg: FusionConfig, spine, meta: dict, train_set: T
 
     csv_path = out / "metrics.csv"
     out.mkdir(parents=True, exist_ok=True)
+    trim_metrics(csv_path, start)
     for epoch in range(start, cfg.epochs):
         set_train_mode(model, cfg)
         rng = random.Random(f"{cfg.seed}-{method}-{epoch}")
