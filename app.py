@@ -24,6 +24,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 import gradio as gr  # noqa: E402
 
 from mmdemo import BundleError, Engine  # noqa: E402
+from mmdemo.preprocess import ImageError, open_image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 FUSED = ["weighted_sum", "concat", "cross_attention"]
@@ -40,6 +41,10 @@ EXAMPLE_TEXTS = [
 _engine: Engine | None = None
 _bundle_path: Path = Path(os.environ.get("MMDEMO_BUNDLE", DEFAULT_BUNDLE))
 _engine_lock = threading.Lock()
+_read_only = os.environ.get("MMDEMO_READ_ONLY", "") not in ("", "0")
+MAX_UPLOAD = "20mb"  # Gradio refuses larger uploads before any handler runs
+QUEUE_SIZE = 64  # requests waiting beyond this are told the app is busy, at once
+CONCURRENCY = 4  # requests a single event handles at the same time
 
 
 def load_engine() -> Engine:
@@ -70,22 +75,57 @@ def _friendly(fn):
     return wrapper
 
 
+def image_input(**kwargs) -> gr.Image:
+    """gr.Image that hands the handler the uploaded file's path, unopened: the image is read
+    by `mmdemo.preprocess.open_image`, which refuses what is not an image, or too large, with a
+    message that says why (before decoding), and turns EXIF-rotated photos upright.
+
+    (Its preprocess is replaced on the instance: a subclass of a Gradio component makes Gradio
+    write a .pyi file beside this one.)"""
+    image = gr.Image(type="filepath", image_mode=None, **kwargs)
+    original = image.preprocess
+
+    def preprocess(payload):
+        if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+            return payload.path  # Gradio has checked that the file was uploaded here
+        try:
+            return original(payload)
+        except Exception as e:
+            raise gr.Error(f"The upload is not an image mmdemo can read: {e}") from None
+
+    image.preprocess = preprocess
+    return image
+
+
 def _need_image(image):
+    """A decoded RGB image from what an input gave (an uploaded file's path or an image)."""
     if image is None:
         raise gr.Error("Upload an image first (or pick one of the examples).")
+    if isinstance(image, (str, Path)):
+        try:
+            return open_image(image, name="The upload")
+        except ImageError as e:
+            raise gr.Error(str(e)) from None
     return image
 
 
 def _need_text(text: str | None) -> str:
-    if text is None or not str(text).strip():
+    """The text as the model reads it; what it drops or does not know becomes a warning."""
+    if text is None or not " ".join(str(text).split()):
         raise gr.Error("Type a description first, e.g. 'a red circle left of a blue square'.")
-    if len(text) > 500:
-        raise gr.Error(f"The text is {len(text)} characters long; keep it under 500.")
-    return str(text).strip()
+    try:
+        clean, notices = load_engine().read_text(text)
+    except ValueError:
+        raise gr.Error("The text is empty once control characters are removed. Type a "
+                       "description first, e.g. 'a red circle left of a blue square'.") from None
+    for n in notices:
+        gr.Warning(n[0].upper() + n[1:] + ".")
+    return clean
 
 
 def _gallery(hits) -> tuple[list[tuple[str, str]], list[int]]:
-    items = [(h.image, f"{h.score:.3f} · {h.captions[0]}") for h in hits]
+    items = [(h.image, f"{h.score:.3f} · " + (h.captions[0] if h.captions else f"#{h.id}"))
+             for h in hits]
     return items, [h.id for h in hits]
 
 
@@ -180,6 +220,53 @@ def classify(image, text: str, method: str = "cross_attention", a: float = 0.5):
             *(_answer_text(base[m], fused.kind, task) if m in base else {}
               for m in ("image_only", "text_only")),
             _overlay(img, fused, position), note)
+
+
+@_friendly
+def add_images(files, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
+    """Uploaded images (and zips of them) -> added to the gallery and both indexes, searchable
+    at once and saved in the bundle. A .txt uploaded with an image of the same name holds its
+    captions, one a line. Returns the added images and a report."""
+    if _read_only:
+        raise gr.Error("This app is read-only: it was started with --read-only.")
+    if not files:
+        raise gr.Error("Choose image files (or a zip of them) first.")
+    from mmdemo import store
+
+    paths = [Path(f) for f in files]
+    sidecars = {p.stem: p.read_text(encoding="utf-8", errors="replace").splitlines()
+                for p in paths if p.suffix.lower() == ".txt"}
+    uploads, skipped = store.collect([p for p in paths if p.suffix.lower() != ".txt"])
+    for up in uploads:
+        up.captions = up.captions or [c for c in sidecars.get(Path(up.name).stem, [])
+                                      if c.strip()]
+    e = load_engine()
+    progress((0, len(uploads)), desc="indexing", unit="images")
+    added = store.add(e, uploads, lambda done, total: progress((done, total), desc="indexing",
+                                                               unit="images"))
+    skipped += added.skipped
+    for name, why in skipped[:5]:
+        gr.Warning(f"Skipped {name}: {why}")
+    lines = [f"**Added {len(added.ids)} image(s)** (ids {added.ids[0]}–{added.ids[-1]}); the "
+             f"gallery now holds {len(e.gallery)}. Search for them in the other tabs."
+             if added.ids else "**Nothing was added.**"]
+    lines += [f"- skipped `{name}`: {why}" for name, why in skipped]
+    items = [(str(e.root / e.gallery[i]["file"]), f"#{i} · {e.gallery[i]['source']}")
+             for i in added.ids]
+    return items, "\n".join(lines)
+
+
+@_friendly
+def remove_images(ids_text: str):
+    """Comma- or space-separated gallery ids -> taken out of the gallery and indexes."""
+    if _read_only:
+        raise gr.Error("This app is read-only: it was started with --read-only.")
+    words = str(ids_text or "").replace(",", " ").split()
+    if not words or not all(w.isdigit() for w in words):
+        raise gr.Error("Type the ids to remove, e.g. '1001, 1002' (shown under each image).")
+    e = load_engine()
+    e.remove_images([int(w) for w in words])
+    return f"Removed {len(words)} item(s); the gallery now holds {len(e.gallery)}."
 
 
 def about() -> tuple[str, str | None]:
@@ -278,7 +365,7 @@ def build_demo() -> gr.Blocks:
                     gr.Examples(EXAMPLE_TEXTS, inputs=[t_text])
                 with gr.Tab("Image → images", id="image2image"):
                     with gr.Row():
-                        i_img = gr.Image(label="Query image", type="pil", height=256)
+                        i_img = image_input(label="Query image", height=256)
                         i_k = gr.Slider(1, 50, k_default, step=1, label="Results")
                     i_btn = gr.Button("Search", variant="primary")
                     i_out = gr.Gallery(label="Images", columns=6, height="auto")
@@ -286,7 +373,7 @@ def build_demo() -> gr.Blocks:
                     gr.Examples(_example_images(), inputs=[i_img])
                 with gr.Tab("Image → captions", id="image2text"):
                     with gr.Row():
-                        c_img = gr.Image(label="Query image", type="pil", height=256)
+                        c_img = image_input(label="Query image", height=256)
                         c_k = gr.Slider(1, 50, 10, step=1, label="Results")
                     c_btn = gr.Button("Search", variant="primary")
                     c_out = gr.Dataframe(headers=["rank", "score", "caption", "image id"],
@@ -296,7 +383,7 @@ def build_demo() -> gr.Blocks:
                 with gr.Tab("Image + text", id="composed"):
                     gr.Markdown("Composed query: z = a·f_img(image) + (1 − a)·f_txt(text).")
                     with gr.Row():
-                        m_img = gr.Image(label="Query image", type="pil", height=256)
+                        m_img = image_input(label="Query image", height=256)
                         with gr.Column():
                             m_text = gr.Textbox(label="Text", placeholder="a yellow star")
                             m_a = gr.Slider(0, 1, 0.5, step=0.05, label="a (image weight)")
@@ -307,6 +394,24 @@ def build_demo() -> gr.Blocks:
                     ex = _example_images()
                     gr.Examples([[e[0], t, 0.5] for e, t in zip(ex, EXAMPLE_TEXTS)],
                                 inputs=[m_img, m_text, m_a])
+                if not _read_only:
+                    with gr.Tab("Your images", id="yours"):
+                        gr.Markdown("Add your own images to the gallery: they are embedded "
+                                    "with the bundle's image encoder, indexed, saved in the "
+                                    "bundle, and searchable at once. Upload image files or a "
+                                    "zip; a `.txt` of the same name holds an image's captions, "
+                                    "one a line.")
+                        u_files = gr.File(label="Images, zips, caption .txt files",
+                                          file_count="multiple",
+                                          file_types=["image", ".zip", ".txt"])
+                        u_btn = gr.Button("Add to the gallery", variant="primary")
+                        u_note = gr.Markdown()
+                        u_out = gr.Gallery(label="Added", columns=6, height="auto")
+                        with gr.Row():
+                            u_ids = gr.Textbox(label="Gallery ids to remove", scale=4,
+                                               placeholder="1001, 1002")
+                            u_rm = gr.Button("Remove", scale=1)
+                        u_rm_note = gr.Markdown()
             with gr.Tab("Fused classification", id="classify"):
                 info = _fusion_info()
                 methods = [m for m in info.get("methods", FUSED) if m in FUSED] or FUSED
@@ -314,7 +419,7 @@ def build_demo() -> gr.Blocks:
                             "trained on the image alone and on the text alone show what each "
                             "side knows by itself.")
                 with gr.Row():
-                    f_img = gr.Image(label="Image", type="pil", height=256)
+                    f_img = image_input(label="Image", height=256)
                     with gr.Column():
                         f_text = gr.Textbox(label="Question",
                                             placeholder="what color is the square?")
@@ -353,6 +458,10 @@ def build_demo() -> gr.Blocks:
         c_out.select(_pick_caption, [c_out], [t_text, t_out, t_ids, sub], api_name=False)
         gr.on([f_btn.click, f_text.submit], classify, [f_img, f_text, f_method, f_a],
               [f_fused, f_image_only, f_text_only, f_overlay, f_note], api_name="classify")
+        if not _read_only:
+            u_btn.click(add_images, [u_files], [u_out, u_note], api_name="add_images")
+            gr.on([u_rm.click, u_ids.submit], remove_images, [u_ids], [u_rm_note],
+                  api_name="remove_images")
         demo.load(about, None, [a_md, a_img], api_name="about")
     return demo
 
@@ -379,8 +488,29 @@ def ensure_bundle(path: Path, rebuild: bool) -> None:
     build_default_bundle(path, work)
 
 
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    """'user:password' -> (user, password); None or '' -> None (no login)."""
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise SystemExit("error: --auth (or MMDEMO_AUTH) must be USER:PASSWORD, both non-empty")
+    return user, password
+
+
+def share_warning(auth, read_only: bool) -> str:
+    text = ("warning: --share asks Gradio for a public *.gradio.live link. Anyone who has the "
+            "link can use this app for as long as it runs, from anywhere.")
+    if auth is None:
+        text += " Add --auth USER:PASSWORD (or set MMDEMO_AUTH) to require a login."
+    if not read_only:
+        text += (" Visitors can add images to the bundle and remove them; --read-only turns "
+                 "that off.")
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
-    global _bundle_path, _engine, demo
+    global _bundle_path, _engine, _read_only, demo
     p = argparse.ArgumentParser(prog="python app.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, default=_bundle_path, help="bundle folder to serve")
@@ -389,9 +519,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     p.add_argument("--share", action="store_true", help="ask Gradio for a public link")
     p.add_argument("--rebuild", action="store_true", help="rebuild the default bundle first")
+    p.add_argument("--auth", default=os.environ.get("MMDEMO_AUTH"), metavar="USER:PASSWORD",
+                   help="require this login (default: $MMDEMO_AUTH; none when unset)")
+    p.add_argument("--read-only", action="store_true", default=_read_only,
+                   help="no adding or removing images (default: $MMDEMO_READ_ONLY)")
     args = p.parse_args(argv)
+    auth = parse_auth(args.auth)
+    if args.share:
+        print(share_warning(auth, args.read_only), file=sys.stderr, flush=True)
     ensure_bundle(args.bundle, args.rebuild)
-    _bundle_path, _engine = args.bundle, None
+    _bundle_path, _engine, _read_only = args.bundle, None, args.read_only
     demo = build_demo()  # again: the tab's choices and examples come from this bundle
     try:
         engine = load_engine()
@@ -399,8 +536,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e.message}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"serving {args.bundle} on {engine.provider}", flush=True)
-    demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
-                                                   share=args.share, show_error=True)
+    queue = int(os.environ.get("MMDEMO_QUEUE_SIZE", QUEUE_SIZE))
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=queue).launch(
+        server_name=args.host, server_port=args.port, share=args.share, show_error=True,
+        auth=auth, max_file_size=MAX_UPLOAD,
+        allowed_paths=[str(args.bundle.resolve() / "gallery"), str(EXAMPLES)])
 
 
 if __name__ == "__main__":

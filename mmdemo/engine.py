@@ -14,9 +14,10 @@ from PIL import Image
 from mmdemo.bundle import BundleError, read_manifest
 from mmdemo.index import VectorIndex
 from mmdemo.preprocess import PreprocessSpec, preprocess
-from mmdemo.text import TextTokenizer
+from mmdemo.text import TextTokenizer, clean_text
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+MAX_K = 1000  # the most results one query returns
 
 
 _cuda_failed = False  # set once CUDA was asked for and did not load: stop asking
@@ -43,6 +44,33 @@ def open_session(path: Path, providers: list[str] | None = None) -> ort.Inferenc
             _cuda_failed = True
         return sess
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+
+
+def _load_store(root: Path, manifest: dict
+                ) -> tuple[dict[str, VectorIndex], dict[int, dict], dict[int, tuple[str, int]]]:
+    """The indexes, the gallery by id and the captions by id, checked against each other."""
+    files = manifest["files"]
+    indexes = {}
+    for name, info in manifest["indexes"].items():
+        indexes[name] = VectorIndex.load(root / info["file"], encoder_sha256=files[
+            manifest["models"][info["encoder"]]["file"]])
+    gal = json.loads((root / manifest["gallery"]["file"]).read_text())
+    gallery = {int(it["id"]): it for it in gal["items"]}
+    captions = {int(cid): (text, int(it["id"])) for it in gal["items"]
+                for cid, text in zip(it["caption_ids"], it["captions"])}
+    for name, idx in indexes.items():
+        want = len(gallery) if name == "images" else len(captions)
+        if len(idx) != want:
+            raise BundleError(f"index {name} holds {len(idx)} items; the gallery has {want}")
+    return indexes, gallery, captions
+
+
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer, float)) or k != int(k):
+        raise ValueError(f"k is {k!r}; expected a whole number of results")
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k is {int(k)}; ask for between 1 and {MAX_K} results")
+    return int(k)
 
 
 @dataclass
@@ -81,7 +109,7 @@ class Engine:
         self.root, self.manifest, self.sessions = root, manifest, sessions
         self.tokenizer, self.spec, self.indexes = tokenizer, spec, indexes
         self.gallery, self.captions = gallery, captions
-        self._lock = threading.Lock()
+        self._write_lock = threading.RLock()  # adding or removing images (mmdemo.store)
 
     # ------------------------------------------------------------------ loading
 
@@ -97,21 +125,14 @@ class Engine:
         tokenizer = TextTokenizer.from_file(root / tok["file"], tok["max_length"],
                                             tok["pad_token"])
         spec = PreprocessSpec.from_dict(manifest["preprocess"])
-        files = manifest["files"]
-        indexes = {}
-        for name, info in manifest["indexes"].items():
-            indexes[name] = VectorIndex.load(root / info["file"],
-                                             encoder_sha256=files[manifest["models"][
-                                                 info["encoder"]]["file"]])
-        gal = json.loads((root / manifest["gallery"]["file"]).read_text())
-        gallery = {int(it["id"]): it for it in gal["items"]}
-        captions = {int(cid): (text, int(it["id"])) for it in gal["items"]
-                    for cid, text in zip(it["caption_ids"], it["captions"])}
-        for name, idx in indexes.items():
-            want = len(gallery) if name == "images" else len(captions)
-            if len(idx) != want:
-                raise BundleError(f"index {name} holds {len(idx)} items; the gallery has {want}")
-        return cls(root, manifest, sessions, tokenizer, spec, indexes, gallery, captions)
+        return cls(root, manifest, sessions, tokenizer, spec, *_load_store(root, manifest))
+
+    def reload(self) -> None:
+        """Read the gallery and indexes again (another process added or removed images)."""
+        manifest = read_manifest(self.root)
+        indexes, gallery, captions = _load_store(self.root, manifest)
+        self.manifest, self.indexes, self.gallery, self.captions = (manifest, indexes, gallery,
+                                                                    captions)
 
     @property
     def providers(self) -> dict[str, str]:
@@ -131,11 +152,18 @@ class Engine:
         x = preprocess(images, self.spec)
         return self.sessions["image_encoder"].run(None, {"image": x})[0]
 
+    def read_text(self, text: str) -> tuple[str, list[str]]:
+        """The text as the model reads it, and notices of what it drops or does not know:
+        control characters, text past the model's length, words outside its vocabulary.
+        Empty text is a ValueError."""
+        clean, notices = clean_text(text)
+        return clean, notices + self.tokenizer.notices(clean)
+
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """float32 (N, D), L2-normalised."""
-        texts = [str(t).strip() for t in texts]
-        if not texts or any(not t for t in texts):
-            raise ValueError("empty text; type a description such as 'a red circle'")
+        if not texts:
+            raise ValueError("no texts given")
+        texts = [clean_text(t)[0] for t in texts]
         ids, mask = self.tokenizer(texts)
         return self.sessions["text_encoder"].run(None, {"input_ids": ids,
                                                         "attention_mask": mask})[0]
@@ -143,10 +171,14 @@ class Engine:
     # ------------------------------------------------------------------ search
 
     def _image_hits(self, q: np.ndarray, k: int) -> list[ImageHit]:
-        ids, scores = self.indexes["images"].search(q, k)
-        root = self.root
-        return [ImageHit(int(i), float(s), str(root / self.gallery[int(i)]["file"]),
-                         self.gallery[int(i)]["captions"]) for i, s in zip(ids[0], scores[0])]
+        ids, scores = self.indexes["images"].search(q, _check_k(k))
+        hits = []
+        for i, s in zip(ids[0], scores[0]):
+            item = self.gallery.get(int(i))
+            if item is not None:  # None: removed while this search ran
+                hits.append(ImageHit(int(i), float(s), str(self.root / item["file"]),
+                                     item["captions"]))
+        return hits
 
     def search_by_text(self, text: str, k: int = 10) -> list[ImageHit]:
         """Gallery images that best match a text."""
@@ -158,18 +190,56 @@ class Engine:
 
     def search_captions(self, image, k: int = 10) -> list[CaptionHit]:
         """Gallery captions that best describe an image."""
-        ids, scores = self.indexes["captions"].search(self.encode_images([image]), k)
+        ids, scores = self.indexes["captions"].search(self.encode_images([image]), _check_k(k))
         return [CaptionHit(int(i), float(s), *self.captions[int(i)])
-                for i, s in zip(ids[0], scores[0])]
+                for i, s in zip(ids[0], scores[0]) if int(i) in self.captions]
 
     def search_composed(self, image, text: str, alpha: float = 0.5, k: int = 10
                         ) -> list[ImageHit]:
         """Images matching z = alpha * f_img(image) + (1 - alpha) * f_txt(text), renormalised."""
-        if not 0.0 <= alpha <= 1.0:
+        if not 0.0 <= alpha <= 1.0:  # NaN too
             raise ValueError(f"alpha is {alpha}; expected a weight in [0, 1]")
         z = alpha * self.encode_images([image]) + (1.0 - alpha) * self.encode_texts([text])
         z /= np.linalg.norm(z, axis=1, keepdims=True) + 1e-12
         return self._image_hits(z, k)
+
+    # ------------------------------------------------------------------ your own images
+
+    def add_images(self, images: list, captions: list[list[str]] | None = None,
+                   names: list[str] | None = None, progress=None):
+        """Add images (file paths, bytes, PIL images or arrays), each with optional captions, to
+        the gallery and both indexes; searchable at once and saved in the bundle. Returns
+        `mmdemo.store.Added` (the new ids, and what was skipped and why)."""
+        import io as _io
+
+        from mmdemo import store
+        from mmdemo.preprocess import to_pil
+
+        uploads, skipped = [], []
+        for n, img in enumerate(images):
+            name = names[n] if names else f"image {n + 1}"
+            caps = list(captions[n]) if captions else []
+            if isinstance(img, (str, Path)):
+                p = Path(img)
+                if not p.is_file():
+                    skipped.append((names[n] if names else str(p), "no such file"))
+                    continue
+                uploads.append(store.Upload(names[n] if names else p.name, p.read_bytes(), caps))
+            elif isinstance(img, (bytes, bytearray)):
+                uploads.append(store.Upload(name, bytes(img), caps))
+            else:
+                buf = _io.BytesIO()
+                to_pil(img).save(buf, "PNG")
+                uploads.append(store.Upload(name, buf.getvalue(), caps))
+        added = store.add(self, uploads, progress)
+        added.skipped = skipped + added.skipped
+        return added
+
+    def remove_images(self, ids: list[int]) -> list[int]:
+        """Take gallery items out of the indexes and the gallery; saved in the bundle."""
+        from mmdemo import store
+
+        return store.remove(self, ids)
 
     def gallery_image(self, item_id: int) -> Image.Image:
         if item_id not in self.gallery:
@@ -198,10 +268,9 @@ class Engine:
         if method not in self.fusion["methods"]:
             raise ValueError(f"fusion method {method!r}; this bundle has "
                              f"{self.fusion['methods']}")
-        if not 0.0 <= a <= 1.0:
+        if not 0.0 <= a <= 1.0:  # NaN too
             raise ValueError(f"a is {a}; expected a weight in [0, 1]")
-        if k < 1:
-            raise ValueError(f"k is {k}; expected at least 1")
+        k = _check_k(k)
         role = f"fusion_{method}"
         sess = self.sessions[role]
         wanted = {i.name for i in sess.get_inputs()}
@@ -209,9 +278,9 @@ class Engine:
         if "image" in wanted:
             feed["image"] = preprocess([image], self.spec)
         if "input_ids" in wanted:
-            text = str(text).strip()
-            if not text:
+            if text is None or not " ".join(str(text).split()):
                 raise ValueError("empty question; type one such as 'what color is the square?'")
+            text = clean_text(text)[0]
             feed["input_ids"], feed["attention_mask"] = self.tokenizer([text])
         if "a" in wanted:
             feed["a"] = np.array([a], dtype=np.float32)

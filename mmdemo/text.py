@@ -2,10 +2,38 @@
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
+
+MAX_CHARS = 2000  # longer texts are cut here before tokenizing; the model reads far fewer tokens
+
+
+def clean_text(text) -> tuple[str, list[str]]:
+    """The text a model should read, and notices of what was changed.
+
+    Control characters (NUL included) are dropped, runs of whitespace become one space, and a
+    text over MAX_CHARS characters is cut there. An empty result is a ValueError.
+    """
+    if text is None:
+        raise ValueError("no text given; type a description such as 'a red circle'")
+    s, notices = str(text), []
+    ctrl = sum(1 for ch in s if unicodedata.category(ch) in ("Cc", "Cf", "Cs")
+               and not ch.isspace())
+    if ctrl:
+        s = "".join(ch for ch in s if ch.isspace() or unicodedata.category(ch)
+                    not in ("Cc", "Cf", "Cs"))
+        notices.append(f"{ctrl} control character{'s' * (ctrl > 1)} removed from the text")
+    s = " ".join(s.split())
+    if not s:
+        raise ValueError("empty text; type a description such as 'a red circle'")
+    if len(s) > MAX_CHARS:
+        notices.append(f"the text has {len(s):,} characters; only the first {MAX_CHARS:,} "
+                       "were read")
+        s = s[:MAX_CHARS]
+    return s, notices
 
 
 class TextTokenizer:
@@ -28,6 +56,22 @@ class TextTokenizer:
     def settings(self) -> dict:
         return {"max_length": self.max_length, "pad_token": self.pad_token,
                 "vocab_size": self.tokenizer.get_vocab_size()}
+
+    def notices(self, text: str) -> list[str]:
+        """What the model will not see of `text`: tokens past max_length, unknown words."""
+        enc = self.tokenizer.encode(text)
+        out = []
+        if enc.overflowing:
+            out.append(f"the text is longer than the model reads ({self.max_length} tokens, "
+                       "special tokens included); the rest was ignored")
+        unk = self.tokenizer.token_to_id(self.tokenizer.model.unk_token) \
+            if hasattr(self.tokenizer.model, "unk_token") else None
+        if unk is not None:
+            words = [text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == unk]
+            if words:
+                shown = ", ".join(dict.fromkeys(words[:8]))
+                out.append(f"the model's vocabulary has no token for: {shown} (read as unknown)")
+        return out
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """ids int64 (N, L) and attention mask int64 (N, L), L = longest text (<= max_length)."""

@@ -6,9 +6,15 @@ Everything runs on the CPU, offline, and binds 127.0.0.1 only.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
+import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -97,3 +103,46 @@ def torch_blocked_env(folder: Path) -> dict[str, str]:
 @pytest.fixture
 def no_torch(tmp_path) -> dict[str, str]:
     return torch_blocked_env(tmp_path / "block")
+
+
+@contextlib.contextmanager
+def serve_app(bundle: Path, folder: Path, args: tuple[str, ...] = (),
+              env: dict[str, str] | None = None) -> Iterator[tuple[str, Path, subprocess.Popen]]:
+    """app.py on 127.0.0.1 in a subprocess where `import torch` fails; yields (url, log, process)
+    once the page answers, and stops the server afterwards."""
+    env = {**torch_blocked_env(folder / "block"), "GRADIO_ANALYTICS_ENABLED": "False",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           **(env or {})}
+    port = free_port()
+    log = folder / "app.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--bundle", str(bundle),
+                                 "--port", str(port), *args], env=env, cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()}")
+            if time.time() > deadline:
+                pytest.fail(f"app.py did not answer within 90 s:\n{log.read_text()}")
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield url, log, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def copy_bundle(bundle: Path, dest: Path) -> Path:
+    """A private copy of a bundle, for tests that add images to it or damage it."""
+    shutil.copytree(bundle, dest)
+    return dest

@@ -48,7 +48,8 @@ def test_arrays_and_modes_are_accepted():
 @pytest.mark.parametrize("bad, msg", [(np.zeros((4, 4, 2), np.uint8), "expected"),
                                       (np.zeros((0, 4, 3), np.uint8), "no pixels"),
                                       (np.full((4, 4), np.nan), "non-finite"),
-                                      ("cat.png", "expected a PIL image")])
+                                      ("cat.png", "cat.png: no such file"),
+                                      (12, "expected an image")])
 def test_bad_images_are_refused_with_the_reason(bad, msg):
     with pytest.raises((ValueError, TypeError), match=msg):
         preprocess([bad], PreprocessSpec())

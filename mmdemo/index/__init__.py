@@ -27,10 +27,12 @@ class VectorIndex:
         self._index = hnswlib.Index(space="ip", dim=dim)
         self._index.init_index(max_elements=max(1, max_elements), M=m,
                                ef_construction=ef_construction, random_seed=seed)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # hnswlib writes (add, remove, resize) never overlap reads
+        self.deleted: set[int] = set()
 
     def __len__(self) -> int:
-        return self._index.get_current_count()
+        """Items that searches can return (removed ones excluded)."""
+        return self._index.get_current_count() - len(self.deleted)
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         """Add float32 (N, dim) unit vectors under int ids (N,)."""
@@ -46,6 +48,18 @@ class VectorIndex:
                 self._index.resize_index(max(need, 2 * self._index.get_max_elements()))
             self._index.add_items(vectors, ids)
 
+    def remove(self, ids) -> None:
+        """Take ids out of search results (hnswlib's mark_deleted); unknown ids are a KeyError."""
+        ids = [int(i) for i in ids]
+        with self._lock:
+            known = set(self._index.get_ids_list()) - self.deleted
+            missing = [i for i in ids if i not in known]
+            if missing:
+                raise KeyError(f"ids not in the index: {missing[:10]}")
+            for i in ids:
+                self._index.mark_deleted(i)
+                self.deleted.add(i)
+
     def search(self, queries: np.ndarray, k: int, ef: int | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
         """ids int64 (Q, k) and cosine scores float32 (Q, k), best first."""
@@ -56,17 +70,23 @@ class VectorIndex:
         if k < 1:
             return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
         with self._lock:
-            self._index.set_ef(max(ef or 200, k))
-            labels, dist = self._index.knn_query(queries, k=k)
+            ef = max(ef or 200, k)
+            self._index.set_ef(ef)
+            try:
+                labels, dist = self._index.knn_query(queries, k=k)
+            except RuntimeError:  # removed items can leave the graph short of k at this ef
+                self._index.set_ef(max(2 * ef, k + len(self.deleted)))
+                labels, dist = self._index.knn_query(queries, k=k)
         return labels.astype(np.int64), (1.0 - dist).astype(np.float32)
 
     def save(self, path: Path | str) -> None:
         path = Path(path)
         with self._lock:
             self._index.save_index(str(path))
-        meta = {"dim": self.dim, "count": len(self), "space": "ip", "M": self.m,
+            count, deleted = len(self), sorted(self.deleted)
+        meta = {"dim": self.dim, "count": count, "space": "ip", "M": self.m,
                 "ef_construction": self.ef_construction, "encoder_sha256": self.encoder_sha256,
-                "index_sha256": sha256_file(path)}
+                "index_sha256": sha256_file(path), "deleted": deleted}
         Path(str(path) + ".json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -88,7 +108,8 @@ class VectorIndex:
         obj.dim, obj.encoder_sha256 = meta["dim"], meta["encoder_sha256"]
         obj.m, obj.ef_construction = meta["M"], meta["ef_construction"]
         obj._index = hnswlib.Index(space="ip", dim=meta["dim"])
-        obj._index.load_index(str(path), max_elements=meta["count"])
+        obj.deleted = {int(i) for i in meta.get("deleted", [])}
+        obj._index.load_index(str(path), max_elements=meta["count"] + len(obj.deleted))
         obj._lock = threading.Lock()
         if len(obj) != meta["count"]:
             raise BundleError(f"index {path.name} holds {len(obj)} items; sidecar says "
