@@ -238,7 +238,7 @@ def add_images(files, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
                 for p in paths if p.suffix.lower() == ".txt"}
     uploads, skipped = store.collect([p for p in paths if p.suffix.lower() != ".txt"])
     for up in uploads:
-        up.captions = up.captions or [c for c in sidecars.get(Path(up.name).stem, [])
+        up.captions = up.captions or [c for c in sidecars.get(Path(up.filename).stem, [])
                                       if c.strip()]
     e = load_engine()
     progress((0, len(uploads)), desc="indexing", unit="images")

@@ -44,6 +44,11 @@ class Upload:
     data: bytes
     captions: list[str] = field(default_factory=list)
 
+    @property
+    def filename(self) -> str:
+        """The file's own name, without folders or the zip it came from."""
+        return Path(self.name.rsplit(":", 1)[-1]).name
+
 
 @dataclass
 class Added:
@@ -145,7 +150,7 @@ def collect(paths: list[Path | str], captions: Path | str | None = None
             items = [(str(p), "no such file or folder")]
         for it in items:
             if isinstance(it, Upload):
-                it.captions = table.get(Path(it.name).name, it.captions)
+                it.captions = table.get(it.filename, it.captions)
                 uploads.append(it)
             else:
                 skipped.append(it)

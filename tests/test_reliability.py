@@ -184,6 +184,22 @@ def test_bad_input_through_gradio(app, tmp_path):
         _, error, _ = call(client, *args, api_name=f"/{api}")
         rows.append({"endpoint": api, "input": repr(args[1:])[:60], "error": error})
         assert error and re.search(expect, error), (api, args, error)
+    # adding them to the gallery: the readable ones go in, each unreadable one is named with why
+    added, note = client.predict([handle_file(str(p)) for p, _ in images.values()],
+                                 api_name="/add_images")
+    readable = [n for n, (_, expect) in images.items() if expect == OK]
+    assert len(added) == len(readable) and f"Added {len(readable)} image(s)" in note
+    for name, (_, expect) in images.items():
+        rows.append({"endpoint": "add_images", "input": name,
+                     "error": None if expect == OK else note})
+        if expect != OK:
+            line = next(x for x in note.splitlines() if name in x)
+            assert re.search(expect, line), (name, line)
+    for ids, expect in (("abc", "Type the ids"), ("", "Type the ids"),
+                        ("99999999", "no gallery item with id 99999999")):
+        _, error, _ = call(client, ids, api_name="/remove_images")
+        rows.append({"endpoint": "remove_images", "input": repr(ids), "error": error})
+        assert error and expect in error, (ids, error)
     _valid(client)
     assert "Traceback" not in "".join(r["error"] or "" for r in rows)
     record("bad_input_gradio", {
