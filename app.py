@@ -23,7 +23,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import gradio as gr  # noqa: E402
 
-from mmdemo import BundleError, Engine  # noqa: E402
+from mmdemo import BundleError, Engine, store  # noqa: E402
 from mmdemo.preprocess import ImageError, open_image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -41,7 +41,10 @@ EXAMPLE_TEXTS = [
 _engine: Engine | None = None
 _bundle_path: Path = Path(os.environ.get("MMDEMO_BUNDLE", DEFAULT_BUNDLE))
 _engine_lock = threading.Lock()
-_read_only = os.environ.get("MMDEMO_READ_ONLY", "") not in ("", "0")
+# read-only: no tab that adds or removes images. Off by default, on by default on a Hugging Face
+# Space (SPACE_ID is set there), where every visitor shares one bundle.
+_read_only = os.environ.get("MMDEMO_READ_ONLY", "1" if os.environ.get("SPACE_ID") else "0") \
+    not in ("", "0")
 MAX_UPLOAD = "20mb"  # Gradio refuses larger uploads before any handler runs
 QUEUE_SIZE = 64  # requests waiting beyond this are told the app is busy, at once
 CONCURRENCY = 4  # requests a single event handles at the same time
@@ -231,8 +234,6 @@ def add_images(files, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
         raise gr.Error("This app is read-only: it was started with --read-only.")
     if not files:
         raise gr.Error("Choose image files (or a zip of them) first.")
-    from mmdemo import store
-
     paths = [Path(f) for f in files]
     sidecars = {p.stem: p.read_text(encoding="utf-8", errors="replace").splitlines()
                 for p in paths if p.suffix.lower() == ".txt"}
@@ -522,7 +523,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--auth", default=os.environ.get("MMDEMO_AUTH"), metavar="USER:PASSWORD",
                    help="require this login (default: $MMDEMO_AUTH; none when unset)")
     p.add_argument("--read-only", action="store_true", default=_read_only,
-                   help="no adding or removing images (default: $MMDEMO_READ_ONLY)")
+                   help="no adding or removing images (default: $MMDEMO_READ_ONLY; on a "
+                        "Hugging Face Space, on unless MMDEMO_READ_ONLY=0)")
     args = p.parse_args(argv)
     auth = parse_auth(args.auth)
     if args.share:

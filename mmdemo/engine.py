@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 from dataclasses import dataclass
@@ -11,9 +12,10 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from mmdemo import store
 from mmdemo.bundle import BundleError, read_manifest
 from mmdemo.index import VectorIndex
-from mmdemo.preprocess import PreprocessSpec, preprocess
+from mmdemo.preprocess import PreprocessSpec, preprocess, to_pil
 from mmdemo.text import TextTokenizer, clean_text
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -66,7 +68,8 @@ def _load_store(root: Path, manifest: dict
 
 
 def _check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer, float)) or k != int(k):
+    if (isinstance(k, bool) or not isinstance(k, (int, np.integer, float, np.floating))
+            or not float(k).is_integer()):
         raise ValueError(f"k is {k!r}; expected a whole number of results")
     if not 1 <= k <= MAX_K:
         raise ValueError(f"k is {int(k)}; ask for between 1 and {MAX_K} results")
@@ -209,36 +212,30 @@ class Engine:
                    names: list[str] | None = None, progress=None):
         """Add images (file paths, bytes, PIL images or arrays), each with optional captions, to
         the gallery and both indexes; searchable at once and saved in the bundle. Returns
-        `mmdemo.store.Added` (the new ids, and what was skipped and why)."""
-        import io as _io
-
-        from mmdemo import store
-        from mmdemo.preprocess import to_pil
-
+        `mmdemo.store.Added` (the new ids, and what was skipped and why). `progress(done,
+        total)` is called after each batch."""
         uploads, skipped = [], []
         for n, img in enumerate(images):
-            name = names[n] if names else f"image {n + 1}"
             caps = list(captions[n]) if captions else []
             if isinstance(img, (str, Path)):
-                p = Path(img)
-                if not p.is_file():
-                    skipped.append((names[n] if names else str(p), "no such file"))
+                name = names[n] if names else Path(img).name
+                if not Path(img).is_file():
+                    skipped.append((name, "no such file"))
                     continue
-                uploads.append(store.Upload(names[n] if names else p.name, p.read_bytes(), caps))
+                data = Path(img).read_bytes()
             elif isinstance(img, (bytes, bytearray)):
-                uploads.append(store.Upload(name, bytes(img), caps))
+                name, data = names[n] if names else f"image {n + 1}", bytes(img)
             else:
-                buf = _io.BytesIO()
+                buf = io.BytesIO()
                 to_pil(img).save(buf, "PNG")
-                uploads.append(store.Upload(name, buf.getvalue(), caps))
+                name, data = names[n] if names else f"image {n + 1}", buf.getvalue()
+            uploads.append(store.Upload(name, data, caps))
         added = store.add(self, uploads, progress)
         added.skipped = skipped + added.skipped
         return added
 
     def remove_images(self, ids: list[int]) -> list[int]:
         """Take gallery items out of the indexes and the gallery; saved in the bundle."""
-        from mmdemo import store
-
         return store.remove(self, ids)
 
     def gallery_image(self, item_id: int) -> Image.Image:
