@@ -72,8 +72,10 @@ def _friendly(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except gr.Error:
+            raise  # already a message for the page (and a ValueError in this Gradio)
         except (ValueError, TypeError, KeyError, OSError) as e:
-            raise gr.Error(str(e)) from e
+            raise gr.Error(str(e.args[0]) if e.args else str(e)) from None
 
     return wrapper
 

@@ -67,7 +67,9 @@ class TextTokenizer:
         unk = self.tokenizer.token_to_id(self.tokenizer.model.unk_token) \
             if hasattr(self.tokenizer.model, "unk_token") else None
         if unk is not None:
-            words = [text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == unk]
+            words = [text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == unk
+                     and not all(unicodedata.category(ch).startswith("P") for ch in text[a:b])]
+            # (unknown punctuation, such as the '?' of a question, carries no meaning to flag)
             if words:
                 shown = ", ".join(dict.fromkeys(words[:8]))
                 out.append(f"the model's vocabulary has no token for: {shown} (read as unknown)")

@@ -1,5 +1,5 @@
 """The app end to end: app.py served on 127.0.0.1 with torch unimportable, every api_name called
-through gradio_client, and the page driven in a real headless Chromium."""
+through gradio_client. The page in a real browser is tests/test_browser.py."""
 
 from __future__ import annotations
 
@@ -15,12 +15,11 @@ import pytest
 from tests.conftest import ROOT, copy_bundle, serve_app
 
 pytestmark = pytest.mark.slow
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tmp_path_factory):
-    """app.py on a copy of the tiny bundle (the page test adds images to it); yields (url, log)."""
+    """app.py on a copy of the tiny bundle; yields (url, log)."""
     folder = tmp_path_factory.mktemp("app")
     bundle = copy_bundle(tiny_bundle, folder / "bundle")
     with serve_app(bundle, folder) as (url, log, _):
@@ -119,57 +118,6 @@ def test_bad_input_gets_a_clear_message(client):
         client.predict(example, "a red circle", 1.5, 4, api_name="/search_composed")
     # a long text is read up to the model's length, with a warning (tests/test_reliability.py)
     assert len(client.predict("a red circle " * 60, 5, api_name="/search_by_text")) == 5
-
-
-def test_page_in_headless_chromium(server, tiny_bundle, tmp_path):
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed; .ci/run installs it with apt")
-        pytest.skip("Debian's chromium is not installed")
-    from playwright.sync_api import sync_playwright
-
-    url = server[0]
-    shot = tmp_path / "page.png"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(url, wait_until="load", timeout=60_000)
-        page.get_by_role("tab", name="About").wait_for(timeout=30_000)
-        for tab in ("Retrieval", "Fused classification", "About", "Text → images",
-                    "Image → images", "Image → captions", "Image + text"):
-            assert page.get_by_role("tab", name=tab).count() >= 1, tab
-        thumbs = page.locator(".thumbnail-item img")
-        assert thumbs.count() == 0
-        page.get_by_label("Description").fill("a blue square")
-        page.get_by_role("button", name="Search").first.click()
-        thumbs.first.wait_for(timeout=30_000)
-        n_images = thumbs.count()
-        page.screenshot(path=str(shot), full_page=True)
-        # clicking a result searches with it: the image tab opens with its own results
-        thumbs.first.click()
-        image_tab = page.get_by_role("tab", name="Image → images")
-        page.wait_for_function("t => t.getAttribute('aria-selected') === 'true'",
-                               arg=image_tab.element_handle(), timeout=30_000)
-        # the fused tab: an example fills image, question and true answer; Answer answers
-        page.get_by_role("tab", name="Fused classification").click()
-        truth = page.get_by_label("True answer (examples only)")
-        first = json.loads((tiny_bundle / "manifest.json").read_text())["fusion"]["examples"][0]
-        page.locator("tr, .gallery-item").filter(has_text=first["text"]).first.click()
-        page.wait_for_function("e => e.value.length > 0", arg=truth.element_handle(),
-                               timeout=30_000)
-        page.get_by_role("button", name="Answer").click()
-        page.get_by_text("The question asks for:").wait_for(timeout=30_000)
-        browser.close()
-    assert n_images == 12  # the default number of results
-    from PIL import Image
-
-    with Image.open(shot) as im:
-        assert im.size[0] == 1280 and len(set(im.convert("L").getdata())) > 20
-    out = os.environ.get("MMDEMO_SCREENSHOT")
-    if out:
-        shutil.copy(shot, out)
 
 
 def test_cli_names_a_missing_or_damaged_bundle(tmp_path, tiny_bundle):
