@@ -145,11 +145,12 @@ def atomic_dir(dest: Path | str) -> Iterator[Path]:
     if dest.exists():
         os.replace(dest, old)
     os.replace(tmp, dest)
-    _fsync_dir(dest.parent)
+    fsync_path(dest.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (a rename in it), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -160,7 +161,5 @@ def _fsync_dir(path: Path) -> None:
 def _fsync_tree(root: Path) -> None:
     """Flush every file under root to disk, so a rename never publishes unwritten data."""
     for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb+") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(root)
+        fsync_path(p)
+    fsync_path(root)

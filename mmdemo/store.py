@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mmdemo.bundle import MANIFEST, sha256_file
+from mmdemo.bundle import MANIFEST, fsync_path, sha256_file
 from mmdemo.preprocess import ImageError, open_image
 
 if TYPE_CHECKING:
@@ -170,14 +170,6 @@ def _write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _thumbnail(image) -> bytes:
     im = image.copy()
     im.thumbnail((THUMBNAIL, THUMBNAIL))
@@ -303,8 +295,8 @@ def commit(engine: Engine, new_files: list[str]) -> dict:
         stem = info["file"].split(".")[0]
         rel = f"{stem}.{gen}.bin"
         engine.indexes[name].save(root / rel)
-        _fsync(root / rel)
-        _fsync(root / f"{rel}.json")
+        fsync_path(root / rel)
+        fsync_path(root / f"{rel}.json")
         files.pop(info["file"], None)
         files.pop(f"{info['file']}.json", None)
         manifest["indexes"][name].update(file=rel, count=len(engine.indexes[name]))
@@ -313,9 +305,9 @@ def commit(engine: Engine, new_files: list[str]) -> dict:
         files[rel] = sha256_file(root / rel)
     manifest["files"] = dict(sorted(files.items()))
     manifest["generation"] = gen
-    _fsync(root / "gallery")
+    fsync_path(root / "gallery")
     _write_bytes(root / MANIFEST, json.dumps(manifest, indent=2).encode())  # the commit point
-    _fsync(root)
+    fsync_path(root)
     engine.manifest = manifest
     sweep(root, manifest)
     return manifest
