@@ -146,3 +146,15 @@ def copy_bundle(bundle: Path, dest: Path) -> Path:
     """A private copy of a bundle, for tests that add images to it or damage it."""
     shutil.copytree(bundle, dest)
     return dest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_under_pytest(tmp_path_factory):
+    """gradio_client leaves an empty /tmp/<random> folder behind for every file it downloads;
+    in tests they go under pytest's own temporary folder, which pytest rotates."""
+    import tempfile
+
+    before = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("tmp"))
+    yield
+    tempfile.tempdir = before
