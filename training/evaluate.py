@@ -2,11 +2,20 @@
 
 Embeddings come in as numpy arrays; `search` functions can stand in for exact search, so that the
 bundle's hnswlib indexes are measured by the same code.
+
+    python -m training.evaluate --run runs/coco --captions coco/annotations/captions_val2017.json \
+        --images coco/val2017 --limit 5000 --out runs/coco/coco5k.json
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from collections.abc import Callable
+from dataclasses import replace
+from math import comb
+from pathlib import Path
 
 import numpy as np
 
@@ -193,3 +202,146 @@ def task_metrics(pred: dict[str, np.ndarray], tasks) -> dict[str, float]:
     if kinds is not None and len(tasks.kind_names) > 1 and np.abs(kinds).max() > 0:
         out["kind_accuracy"] = float((kinds.argmax(1) == tasks.kinds).mean())
     return out
+
+
+# ----------------------------------------------------------------------------- COCO 5k protocol
+
+COCO_PROTOCOL = ("COCO 5k: the first {limit} captioned images of the file by image id, the first "
+                 "{per_image} captions of each in the file's order; Recall@K both ways by caption "
+                 "id (t2i: the caption's own image in the top K; i2t: any of the image's own "
+                 "captions in the top K), exact inner-product search")
+
+
+def first_captions(data: CaptionSet, n: int | None = 5) -> CaptionSet:
+    """The same images with only the first n captions of each (all with n None), in the order
+    the annotation file lists them: the COCO 5k protocol scores 5 captions an image, and the
+    few val2017 images with 6 or 7 keep their first 5."""
+    if n is None:
+        return data
+    if n < 1:
+        raise ValueError(f"captions per image {n}; expected 1 or more (or None for all)")
+    return replace(data, captions=[caps[:n] for caps in data.captions])
+
+
+def recall_chance(caps_per_image: list[int], ks: tuple[int, ...] = (1, 5, 10)
+                  ) -> dict[str, float]:
+    """Recall@K of a ranking drawn at random, for N images with the given caption counts:
+    t2i K/N; i2t the mean over images of 1 - C(M - c, K) / C(M, K), M captions in all."""
+    n, m = len(caps_per_image), sum(caps_per_image)
+    out = {}
+    for k in ks:
+        out[f"t2i_R@{k}"] = min(1.0, k / n)
+        kk = min(k, m)
+        out[f"i2t_R@{k}"] = float(np.mean([1 - comb(m - c, kk) / comb(m, kk)
+                                           for c in caps_per_image]))
+    return out
+
+
+def recall_table(metrics: dict[str, float], chance: dict[str, float] | None = None,
+                 ks: tuple[int, ...] = (1, 5, 10)) -> str:
+    """Recall@K both ways as a text table, in percent as papers print them."""
+    head = f"{'':16}" + "".join(f"{f'R@{k}':>8}" for k in ks)
+    rows = [head]
+    for key, name in (("i2t", "image -> text"), ("t2i", "text -> image")):
+        rows.append(f"{name:16}" + "".join(f"{100 * metrics[f'{key}_R@{k}']:8.1f}" for k in ks))
+        if chance:
+            rows.append(f"{'  chance':16}"
+                        + "".join(f"{100 * chance[f'{key}_R@{k}']:8.1f}" for k in ks))
+    rows.append(f"{'rsum':16}{100 * metrics['rsum']:8.1f}")
+    return "\n".join(rows)
+
+
+def _embed_run(run: Path, data: CaptionSet, batch_size: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """A trained run's image and caption embeddings of `data` through PyTorch, images read in
+    batches (5k images at 224 px would take 3 GB at once); returns img (N, D), txt (M, D),
+    each caption's image row (M,), and the run's checkpoint meta."""
+    import torch
+    from PIL import Image
+    from tqdm import tqdm
+
+    from mmdemo.preprocess import PreprocessSpec
+    from mmdemo.text import TextTokenizer
+    from training.data.transforms import eval_transform
+    from training.train import embed_images, embed_texts, load_run
+
+    model, meta = load_run(run)
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    tok_cfg = meta["tokenizer"]
+    tok = TextTokenizer.from_file(run / "tokenizer.json", tok_cfg["max_length"],
+                                  tok_cfg["pad_token"])
+    tf, paths, parts = eval_transform(spec), data.paths(), []
+    for s in tqdm(range(0, len(paths), batch_size), desc="images", unit="batch", leave=False):
+        batch = []
+        for p in paths[s: s + batch_size]:
+            with Image.open(p) as im:
+                batch.append(tf(im.convert("RGB")))
+        parts.append(embed_images(model, torch.stack(batch), batch_size))
+    texts, rows, _ = flatten_captions(data)
+    txt = embed_texts(model, tok, texts, batch_size)
+    return np.concatenate(parts), txt, rows, meta
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """python -m training.evaluate: Recall@1/5/10 both ways of a trained run on a COCO-format
+    captions file under the COCO 5k protocol; prints a table and writes JSON (fractions)."""
+    p = argparse.ArgumentParser(
+        prog="python -m training.evaluate",
+        description="Recall@1/5/10 both ways of a trained run on a COCO captions file, under the "
+                    "COCO 5k protocol; prints a table and writes JSON (fractions in [0, 1]).")
+    p.add_argument("--run", type=Path, required=True,
+                   help="a folder written by `python -m training`")
+    p.add_argument("--captions", type=Path, required=True,
+                   help="COCO captions JSON, e.g. annotations/captions_val2017.json")
+    p.add_argument("--images", type=Path, required=True, help="its image folder, e.g. val2017")
+    p.add_argument("--limit", type=int, default=5000,
+                   help="first N captioned images by image id (default 5000: all of val2017)")
+    p.add_argument("--captions-per-image", type=int, default=5,
+                   help="first N captions of each image in the file's order (default 5; 0: all)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 leaves the default")
+    p.add_argument("--out", type=Path, default=None, help="write the metrics here as JSON")
+    args = p.parse_args(argv)
+    if args.limit < 1 or args.batch_size < 1 or args.captions_per_image < 0:
+        p.error(f"--limit {args.limit}, --batch-size {args.batch_size} and --captions-per-image "
+                f"{args.captions_per_image}: the first two must be 1 or more, the last 0 or more")
+    from training.data.coco import load_captions
+
+    try:
+        data = first_captions(load_captions(args.captions, args.images, limit=args.limit),
+                              args.captions_per_image or None)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        img, txt, rows, meta = _embed_run(args.run, data, args.batch_size)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    metrics = retrieval_metrics(img, txt, rows)  # strict: by caption id, never by equal words
+    per_image = [len(c) for c in data.captions]
+    chance = recall_chance(per_image)
+    result = {
+        "protocol": COCO_PROTOCOL.format(limit=args.limit,
+                                         per_image=args.captions_per_image or "all"),
+        "through": "pytorch",
+        "run": str(args.run), "trained_epochs": meta.get("epoch"),
+        "captions": str(args.captions), "images": str(args.images),
+        "n_images": len(data), "n_captions": int(sum(per_image)),
+        "captions_per_image": {str(c): per_image.count(c) for c in sorted(set(per_image))},
+        "metrics": metrics, "chance": chance,
+        "image_ids": data.image_ids,
+    }
+    note = "" if len(data) == args.limit else f" (fewer than --limit {args.limit})"
+    print(f"{args.captions.name}: {len(data)} images{note}, {result['n_captions']} captions, "
+          f"run {args.run} (epoch {meta.get('epoch')})")
+    print(recall_table(metrics, chance))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"metrics written to {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
