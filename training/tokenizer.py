@@ -27,7 +27,9 @@ def hf_tokenizer_json(name_or_path: str, out: Path | str) -> str:
     """Save the fast tokenizer of a transformers model as tokenizer.json; returns its pad token."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name_or_path)
+    from training.models import resolve_hf_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_hf_model(name_or_path))
     if tok.pad_token is None:
         raise ValueError(f"the tokenizer of {name_or_path} has no pad token")
     tok.backend_tokenizer.save(str(out))
