@@ -242,12 +242,11 @@ def add_images(files, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
     if not files:
         raise gr.Error("Choose image files (or a zip of them) first.")
     paths = [Path(f) for f in files]
-    sidecars = {p.stem: p.read_text(encoding="utf-8", errors="replace").splitlines()
+    sidecars = {p.stem: store.caption_lines(p.read_text(encoding="utf-8", errors="replace"))
                 for p in paths if p.suffix.lower() == ".txt"}
     uploads, skipped = store.collect([p for p in paths if p.suffix.lower() != ".txt"])
     for up in uploads:
-        up.captions = up.captions or [c for c in sidecars.get(Path(up.filename).stem, [])
-                                      if c.strip()]
+        up.captions = up.captions or sidecars.get(Path(up.filename).stem, [])
     e = load_engine()
     progress((0, len(uploads)), desc="indexing", unit="images")
     added = store.add(e, uploads, lambda done, total: progress((done, total), desc="indexing",

@@ -16,7 +16,7 @@ import torch.nn as nn
 from PIL import Image
 from tqdm import tqdm
 
-from mmdemo.bundle import atomic_dir, sha256_file, write_manifest
+from mmdemo.bundle import THUMBNAIL, atomic_dir, sha256_file, write_manifest
 from mmdemo.engine import open_session
 from mmdemo.index import VectorIndex
 from mmdemo.preprocess import PreprocessSpec
@@ -31,7 +31,6 @@ OPSET = 17
 MAX_ABS_DIFF = 1e-4  # ORT vs PyTorch, per embedding component
 MIN_COSINE = 0.9999  # ORT vs PyTorch, per embedding
 MAX_RECALL_GAP = 0.005  # bundle (ORT + hnswlib) vs PyTorch exact search: 0.5 points
-THUMBNAIL = 256  # longest side of gallery images
 PACKAGES = ["torch", "torchvision", "onnx", "onnxruntime-gpu", "onnxruntime", "tokenizers",
             "transformers", "hnswlib", "numpy", "pillow", "gradio", "pycocotools"]
 
@@ -131,8 +130,7 @@ def write_gallery(data: CaptionSet, out: Path) -> dict:
         rel = f"gallery/{image_id}.png"
         with Image.open(path) as im:
             im = im.convert("RGB")
-            if max(im.size) > THUMBNAIL:
-                im.thumbnail((THUMBNAIL, THUMBNAIL))
+            im.thumbnail((THUMBNAIL, THUMBNAIL))  # shrinks only
             im.save(out / rel)
         items.append({"id": image_id, "file": rel, "caption_ids": [c[0] for c in caps],
                       "captions": [c[1] for c in caps]})

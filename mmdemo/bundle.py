@@ -28,6 +28,7 @@ from pathlib import Path
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+THUMBNAIL = 256  # longest side of a gallery thumbnail (export and mmdemo.store write them)
 
 
 class BundleError(RuntimeError):

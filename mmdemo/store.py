@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mmdemo.bundle import MANIFEST, fsync_path, sha256_file
+from mmdemo.bundle import MANIFEST, THUMBNAIL, fsync_path, sha256_file
 from mmdemo.preprocess import ImageError, open_image
 
 if TYPE_CHECKING:
     from mmdemo.engine import Engine
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
-THUMBNAIL = 256  # longest side of a gallery thumbnail, as export writes them
 MAX_FILE_BYTES = 50 << 20  # one image file
 MAX_ZIP_MEMBERS = 10_000
 MAX_ZIP_BYTES = 2 << 30  # uncompressed, all members together
@@ -75,7 +74,8 @@ def _read_captions_jsonl(path: Path) -> dict[str, list[str]]:
     return out
 
 
-def _sidecar(text: str) -> list[str]:
+def caption_lines(text: str) -> list[str]:
+    """The captions of a caption file: one a line, blank lines skipped."""
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -106,7 +106,7 @@ def _from_zip(path: Path) -> Iterator[Upload | tuple[str, str]]:
             try:
                 data = zf.read(info)
                 side = texts.get(Path(info.filename).with_suffix("").as_posix())
-                caps = _sidecar(zf.read(side).decode("utf-8", "replace")) if side else []
+                caps = caption_lines(zf.read(side).decode("utf-8", "replace")) if side else []
             except (zipfile.BadZipFile, OSError, RuntimeError) as e:
                 yield (name, f"could not be read from the zip ({e})")
                 continue
@@ -119,7 +119,8 @@ def _from_file(path: Path, name: str | None = None) -> Upload | tuple[str, str]:
     if size > MAX_FILE_BYTES:
         return (name, f"is {size >> 20} MB; the limit is {MAX_FILE_BYTES >> 20} MB")
     side = path.with_suffix(".txt")
-    caps = _sidecar(side.read_text(encoding="utf-8", errors="replace")) if side.is_file() else []
+    caps = (caption_lines(side.read_text(encoding="utf-8", errors="replace"))
+            if side.is_file() else [])
     return Upload(name, path.read_bytes(), caps)
 
 

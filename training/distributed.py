@@ -199,9 +199,10 @@ def sync_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def weights_digest(model: nn.Module) -> str:
-    """sha256 of every tensor of the state dict, in order: equal digests, equal weights."""
+    """sha256 of every tensor of the state dict (name, shape, bytes), in order: equal digests,
+    equal weights. Also the key of cached features (training/features.py)."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
-        h.update(name.encode())
+        h.update(f"{name}|{tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -256,13 +256,9 @@ def _embed_run(run: Path, data: CaptionSet, batch_size: int
     """A trained run's image and caption embeddings of `data` through PyTorch, images read in
     batches (5k images at 224 px would take 3 GB at once); returns img (N, D), txt (M, D),
     each caption's image row (M,), and the run's checkpoint meta."""
-    import torch
-    from PIL import Image
-    from tqdm import tqdm
-
     from mmdemo.preprocess import PreprocessSpec
     from mmdemo.text import TextTokenizer
-    from training.data.transforms import eval_transform
+    from training.data.transforms import image_batches
     from training.train import embed_images, embed_texts, load_run
 
     model, meta = load_run(run)
@@ -270,13 +266,8 @@ def _embed_run(run: Path, data: CaptionSet, batch_size: int
     tok_cfg = meta["tokenizer"]
     tok = TextTokenizer.from_file(run / "tokenizer.json", tok_cfg["max_length"],
                                   tok_cfg["pad_token"])
-    tf, paths, parts = eval_transform(spec), data.paths(), []
-    for s in tqdm(range(0, len(paths), batch_size), desc="images", unit="batch", leave=False):
-        batch = []
-        for p in paths[s: s + batch_size]:
-            with Image.open(p) as im:
-                batch.append(tf(im.convert("RGB")))
-        parts.append(embed_images(model, torch.stack(batch), batch_size))
+    parts = [embed_images(model, x, batch_size)
+             for x in image_batches(data.paths(), spec, batch_size)]
     texts, rows, _ = flatten_captions(data)
     txt = embed_texts(model, tok, texts, batch_size)
     return np.concatenate(parts), txt, rows, meta

@@ -15,28 +15,18 @@ import os
 from pathlib import Path
 
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from mmdemo.preprocess import PreprocessSpec
 from mmdemo.text import TextTokenizer
-from training.data.transforms import eval_transform
-
-
-def _rgb(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+from training.data.transforms import image_batches
+from training.distributed import weights_digest
 
 
 def weights_key(module: torch.nn.Module) -> str:
-    """sha256 over a module's class, parameter names, shapes and values."""
-    h = hashlib.sha256(type(module).__name__.encode())
-    for name, t in module.state_dict().items():
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    """sha256 over a module's class and its weights (names, shapes, values)."""
+    return hashlib.sha256(f"{type(module).__name__}|{weights_digest(module)}".encode()).hexdigest()
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -62,13 +52,9 @@ def image_features(backbone: torch.nn.Module, paths: list[Path], spec: Preproces
         return load_file(path)["features"]
     was_training = backbone.training
     backbone.eval()
-    tf, chunks = eval_transform(spec), []
     dev = next(backbone.parameters()).device
-    with tqdm(total=len(paths), desc=desc, unit="img", leave=False) as bar:
-        for i in range(0, len(paths), batch):
-            x = torch.stack([tf(_rgb(p)) for p in paths[i: i + batch]])
-            chunks.append(backbone(x.to(dev)).float().cpu())
-            bar.update(len(x))
+    chunks = [backbone(x.to(dev)).float().cpu()
+              for x in image_batches(paths, spec, batch, desc)]
     backbone.train(was_training)
     feats = torch.cat(chunks) if chunks else torch.zeros(0, backbone.out_dim)
     _save({"features": feats}, path)

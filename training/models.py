@@ -108,10 +108,9 @@ class TorchvisionResNet50(nn.Module):
         from torchvision.models import resnet50
 
         net = resnet50(weights=None if _is_path(weights) else weights)
+        net.fc = nn.Identity()  # before loading a file: its classifier is dropped
         if _is_path(weights):
-            net.fc = nn.Identity()
             load_matching(net, read_state_dict(weights), str(weights))
-        net.fc = nn.Identity()
         self.net, self.out_dim, self.feature_dim = net, 2048, 2048
 
     def stages(self) -> list[nn.Module]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,6 +21,21 @@ def eval_transform(spec: PreprocessSpec) -> T.Compose:
     world a flip would turn "left of" into "right of"."""
     return T.Compose([T.Resize((spec.size, spec.size), interpolation=_MODES[spec.interpolation]),
                       T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+
+
+def image_batches(paths: list[Path], spec: PreprocessSpec, batch: int, desc: str = "images"
+                  ) -> Iterator[torch.Tensor]:
+    """The eval transform over `paths`, `batch` images at a time (float32 (b, 3, size, size)),
+    with a progress bar: for sets too large to hold in memory at once."""
+    tf = eval_transform(spec)
+    with tqdm(total=len(paths), desc=desc, unit="img", leave=False) as bar:
+        for s in range(0, len(paths), batch):
+            out = []
+            for p in paths[s: s + batch]:
+                with Image.open(p) as im:
+                    out.append(tf(im.convert("RGB")))
+            bar.update(len(out))
+            yield torch.stack(out)
 
 
 def load_images(paths: list[Path], spec: PreprocessSpec, desc: str = "images") -> torch.Tensor:
