@@ -20,21 +20,19 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-SHAPES = ["circle", "square", "triangle", "star", "hexagon"]
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (50, 90, 230),
-    "yellow": (240, 220, 40),
-    "purple": (150, 60, 200),
-    "orange": (245, 140, 30),
-    "white": (245, 245, 245),
-    "gray": (140, 140, 140),
-}
-SIZES = {"small": 7.0, "large": 12.0}  # circumradius in pixels at 64x64
-RELATIONS = ["left of", "right of", "above", "below"]
-INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-MARGIN = 6.0  # a relation holds when the centres differ by at least this many pixels on its axis
+from mmdemo.oracle import (  # noqa: F401 (re-exported: the vocabulary and the truth test live there)
+    COLORS,
+    INVERSE,
+    MARGIN,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    _matches,
+    relation_holds,
+    satisfies,
+)
+from mmdemo.oracle import polygon as _polygon
+
 CAPTIONS_PER_IMAGE = 5
 
 
@@ -45,50 +43,6 @@ class Obj:
     size: str
     x: float  # centre, pixels from the left
     y: float  # centre, pixels from the top
-
-
-def relation_holds(rel: str, a: dict, b: dict) -> bool:
-    """Whether object `a` stands in relation `rel` to object `b` (dicts with x, y)."""
-    if rel == "left of":
-        return b["x"] - a["x"] >= MARGIN
-    if rel == "right of":
-        return a["x"] - b["x"] >= MARGIN
-    if rel == "above":
-        return b["y"] - a["y"] >= MARGIN
-    if rel == "below":
-        return a["y"] - b["y"] >= MARGIN
-    raise ValueError(f"unknown relation {rel!r}; expected one of {RELATIONS}")
-
-
-def _matches(obj: dict, mention: dict) -> bool:
-    return all(obj[k] == v for k, v in mention.items() if k in ("shape", "color", "size"))
-
-
-def satisfies(objects: list[dict], claim: dict) -> bool:
-    """The oracle: does a scene (list of object dicts) satisfy every statement of a claim?
-
-    A claim is {"mentions": [{"shape", "color", optional "size"}...], "relation": [i, rel, j] or
-    None, "count": n or None}. Mentions bind to distinct objects; the relation holds between the
-    objects bound to mentions i and j; count is the exact number of objects in the scene.
-    """
-    if claim.get("count") is not None and claim["count"] != len(objects):
-        return False
-    mentions = claim["mentions"]
-    rel = claim.get("relation")
-
-    def assign(i: int, used: list[int]) -> bool:
-        if i == len(mentions):
-            if rel is None:
-                return True
-            a, r, b = rel
-            return relation_holds(r, objects[used[a]], objects[used[b]])
-        for k, obj in enumerate(objects):
-            if k not in used and _matches(obj, mentions[i]):
-                if assign(i + 1, used + [k]):
-                    return True
-        return False
-
-    return assign(0, [])
 
 
 # ----------------------------------------------------------------------------- captions
@@ -328,26 +282,6 @@ def make_value_questions(objs: list[Obj], rng: random.Random, size: int = 64) ->
 
 
 # ----------------------------------------------------------------------------- drawing
-
-
-def _polygon(shape: str, x: float, y: float, r: float, rot: float) -> list[tuple[float, float]]:
-    if shape == "square":
-        pts = [(r * 0.8 * math.cos(rot + math.pi / 4 + k * math.pi / 2),
-                r * 0.8 * math.sin(rot + math.pi / 4 + k * math.pi / 2)) for k in range(4)]
-        pts = [(px * 1.15, py * 1.15) for px, py in pts]
-    elif shape == "triangle":
-        pts = [(r * math.cos(rot - math.pi / 2 + k * 2 * math.pi / 3),
-                r * math.sin(rot - math.pi / 2 + k * 2 * math.pi / 3)) for k in range(3)]
-    elif shape == "hexagon":
-        pts = [(r * math.cos(rot + k * math.pi / 3), r * math.sin(rot + k * math.pi / 3))
-               for k in range(6)]
-    elif shape == "star":
-        pts = [((r if k % 2 == 0 else r * 0.45) * math.cos(rot - math.pi / 2 + k * math.pi / 5),
-                (r if k % 2 == 0 else r * 0.45) * math.sin(rot - math.pi / 2 + k * math.pi / 5))
-               for k in range(10)]
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
-    return [(x + px, y + py) for px, py in pts]
 
 
 def draw_scene(objs: list[Obj], rng: random.Random, size: int = 64) -> Image.Image:
