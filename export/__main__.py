@@ -19,6 +19,12 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--fusion", type=Path, default=None,
                    help="a folder written by `python -m training.train_fusion`: adds its "
                         "fusion models and their ablation to the bundle")
+    p.add_argument("--captioner", type=Path, default=None,
+                   help="a folder written by `python -m training.train_captioner`: adds the "
+                        "caption decoder and its scores")
+    p.add_argument("--generator", type=Path, default=None,
+                   help="a folder written by `python -m training.train_generator`: adds the "
+                        "text-to-image generator and its scores")
     p.add_argument("--push-to-hub", metavar="OWNER/NAME[@BRANCH]", default=None,
                    help="after the export, upload the bundle to this Hugging Face model repo "
                         "(created if missing; token from $HF_TOKEN or `hf auth login`)")
@@ -37,7 +43,8 @@ def main(argv: list[str] | None = None) -> Path:
     from export.onnx import ExportError, export_bundle
 
     try:
-        out = export_bundle(args.run_dir, args.bundle_dir, args.data, args.split, args.fusion)
+        out = export_bundle(args.run_dir, args.bundle_dir, args.data, args.split, args.fusion,
+                            captioner_dir=args.captioner, generator_dir=args.generator)
     except (FileNotFoundError, ValueError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

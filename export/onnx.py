@@ -141,12 +141,17 @@ def write_gallery(data: CaptionSet, out: Path) -> dict:
 
 def export_bundle(run_dir: Path | str, out_dir: Path | str, data: str | None = None,
                   split: str = "test", fusion_dir: Path | str | None = None,
-                  max_recall_gap: float = MAX_RECALL_GAP) -> Path:
+                  max_recall_gap: float = MAX_RECALL_GAP,
+                  captioner_dir: Path | str | None = None,
+                  generator_dir: Path | str | None = None) -> Path:
     """Write the bundle of a trained run to out_dir (atomically); returns out_dir.
 
     The gallery is `split` of the shapes-world folder `data` (default: the run's own data), or
     the run's COCO validation captions when it was trained on COCO. `fusion_dir` (written by
-    `python -m training.train_fusion`) adds its fusion models and their ablation. Export fails
+    `python -m training.train_fusion`) adds its fusion models and their ablation;
+    `captioner_dir` (`python -m training.train_captioner`) the caption decoder and
+    `generator_dir` (`python -m training.train_generator`) the text-to-image generator, each
+    with its scores on the gallery split. Export fails
     when a Recall@K through the bundle is more than `max_recall_gap` from PyTorch's.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -240,7 +245,29 @@ def export_bundle(run_dir: Path | str, out_dir: Path | str, data: str | None = N
             fusion = export_fusion(Path(fusion_dir), tmp, meta, gal.image_ids, images.numpy(),
                                    spec, tok, data, split)
 
-        # 6. the rest of the bundle
+        # 6. generation: the caption decoder and the image generator, each checked against
+        # PyTorch and scored through ONNX Runtime (the shapes world: graded by the oracle)
+        raw = None
+        if (captioner_dir or generator_dir) and gal.objects:
+            raw = []
+            for p in gal.paths():
+                with Image.open(p) as im:
+                    raw.append(np.asarray(im.convert("RGB")))
+        captioning = generation = None
+        if captioner_dir is not None:
+            from export.captioner import export_captioner
+
+            print("exporting the caption decoder ...", flush=True)
+            captioning = export_captioner(Path(captioner_dir), tmp, model, images.numpy(), gal,
+                                          tok, raw)
+        if generator_dir is not None:
+            from export.generator import export_generator
+
+            print("exporting the image generator ...", flush=True)
+            generation = export_generator(Path(generator_dir), tmp, gal, ort_images, ort_texts)
+            generation["generation"]["oracle"] = bool(gal.objects)
+
+        # 7. the rest of the bundle
         shutil.copy(run_dir / "tokenizer.json", tmp / "tokenizer.json")
         for name in ("curves.png", "metrics.csv"):
             if (run_dir / name).is_file():
@@ -275,6 +302,14 @@ def export_bundle(run_dir: Path | str, out_dir: Path | str, data: str | None = N
             manifest["models"].update(fusion["models"])
             manifest["fusion"] = fusion["fusion"]
             manifest["metrics"]["fusion"] = fusion["metrics"]
+        if captioning is not None:
+            manifest["models"].update(captioning["models"])
+            manifest["captioning"] = captioning["captioning"]
+            manifest["metrics"]["captioning"] = captioning["metrics"]
+        if generation is not None:
+            manifest["models"].update(generation["models"])
+            manifest["generation"] = generation["generation"]
+            manifest["metrics"]["generation"] = generation["metrics"]
         write_manifest(tmp, manifest)
     print(f"bundle written to {out_dir}", flush=True)
     return out_dir

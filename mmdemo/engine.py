@@ -93,6 +93,25 @@ class CaptionHit:
 
 
 @dataclass
+class GeneratedCaption:
+    text: str
+    logprob: float  # sum of the tokens' log-probabilities
+    tokens: int  # words and pieces, without the start and end tokens
+    finished: bool  # False where it ran into the maximum length
+    nearest: list[CaptionHit]  # the gallery captions retrieval ranks first for the image
+
+
+@dataclass
+class GeneratedImage:
+    image: np.ndarray  # uint8 (H, W, 3)
+    seed: int  # the sample's own seed: generate_image(prompt, 1, seed) draws it again
+    reading: list[dict]  # the oracle's objects (shape, color, size, x, y)
+    satisfies: bool | None  # the oracle's verdict on the prompt; None where it cannot read it
+    score: float  # cosine of the sample and the prompt in the joint space
+    nearest: ImageHit | None  # the closest real gallery image (a memorisation check)
+
+
+@dataclass
 class Answer:
     """One fusion model's reading of an image and a text."""
 
@@ -242,6 +261,79 @@ class Engine:
         if item_id not in self.gallery:
             raise KeyError(f"no gallery item with id {item_id}")
         return Image.open(self.root / self.gallery[item_id]["file"]).convert("RGB")
+
+    # ------------------------------------------------------------------ generation
+
+    @property
+    def captioning(self) -> dict:
+        """The bundle's caption decoder settings; {} if it has none."""
+        return self.manifest.get("captioning", {})
+
+    @property
+    def generation(self) -> dict:
+        """The bundle's image generator settings; {} if it has none."""
+        return self.manifest.get("generation", {})
+
+    def caption(self, image, method: str = "beam", width: int = 3, top_p: float = 0.9,
+                temperature: float = 1.0, max_length: int | None = None,
+                seed: int | None = None) -> GeneratedCaption:
+        """Describe an image with the caption decoder: greedy, beam search of `width`, or
+        nucleus sampling (top_p, temperature, seed)."""
+        if not self.captioning:
+            raise ValueError("this bundle has no caption decoder; export it with "
+                             "`python -m export RUN BUNDLE --captioner CAPTIONER_RUN`")
+        from mmdemo.decoding import Captioner
+
+        if not (isinstance(width, (int, np.integer)) or float(width).is_integer()) \
+                or not 1 <= width <= 16:
+            raise ValueError(f"beam width is {width}; expected 1 to 16")
+        c = self.captioning
+        cap = Captioner(self.sessions["caption_start"], self.sessions["caption_step"],
+                        c["bos_id"], c["eos_id"], c["max_length"])
+        x = preprocess([image], self.spec)
+        hyp = cap.decode(x, method, int(width), top_p, temperature, max_length, seed=seed)[0]
+        text = self.tokenizer.decode([hyp.tokens])[0]
+        ids, scores = self.indexes["captions"].search(self.encode_images([image]), 2)
+        nearest = [CaptionHit(int(i), float(s), *self.captions[int(i)])
+                   for i, s in zip(ids[0], scores[0]) if int(i) in self.captions]
+        return GeneratedCaption(text, hyp.logprob, len(hyp.tokens), hyp.finished, nearest)
+
+    def generate_image(self, prompt: str, n: int = 4, seed: int | None = None,
+                       temperature: float = 1.0, progress=None) -> list[GeneratedImage]:
+        """Draw n images from a text with the generator: z ~ N(0, temperature^2) from `seed`
+        (sample i uses seed + i), decoded with the prompt's embedding; each sample read by the
+        oracle, scored against the prompt and matched to its nearest gallery image.
+        `progress(done, n)` is called after each sample."""
+        if not self.generation:
+            raise ValueError("this bundle has no image generator; export it with "
+                             "`python -m export RUN BUNDLE --generator GENERATOR_RUN`")
+        from mmdemo.oracle import parse_scene, read_caption, satisfies
+
+        if isinstance(n, bool) or not float(n).is_integer() or not 1 <= n <= 16:
+            raise ValueError(f"number of samples is {n}; expected 1 to 16")
+        if not 0.0 <= temperature <= 3.0:  # NaN too
+            raise ValueError(f"temperature is {temperature}; expected 0 to 3")
+        seed = int(np.random.default_rng().integers(2**31 - 1)) if seed is None else int(seed)
+        if not 0 <= seed < 2**31:
+            raise ValueError(f"seed is {seed}; expected 0 to {2**31 - 1}")
+        text = clean_text(prompt)[0]
+        emb = self.encode_texts([text])
+        claim = read_caption(text) if self.generation.get("oracle") else None
+        sess, zdim = self.sessions["image_generator"], int(self.generation["latent_dim"])
+        out = []
+        for i in range(int(n)):
+            z = np.random.default_rng(seed + i).standard_normal((1, zdim)).astype(np.float32)
+            x = sess.run(["image"], {"text_embedding": emb, "z": z * np.float32(temperature)})[0]
+            img = (np.clip(x[0].transpose(1, 2, 0), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+            q = self.encode_images([img])
+            reading = parse_scene(img) if self.generation.get("oracle") else []
+            ok = satisfies(reading, claim) if claim and claim.get("mentions") else None
+            hits = self._image_hits(q, 1)
+            out.append(GeneratedImage(img, seed + i, reading, ok, float((q @ emb.T)[0, 0]),
+                                      hits[0] if hits else None))
+            if progress is not None:
+                progress(i + 1, int(n))
+        return out
 
     # ------------------------------------------------------------------ fusion
 

@@ -75,6 +75,15 @@ class TextTokenizer:
                 out.append(f"the model's vocabulary has no token for: {shown} (read as unknown)")
         return out
 
+    def decode(self, seqs: list[list[int]]) -> list[str]:
+        """Token ids back to text, special tokens dropped, WordPiece pieces joined."""
+        if self.tokenizer.decoder is None:  # a tokenizer trained here has none: WordPiece's
+            from tokenizers import decoders
+
+            self.tokenizer.decoder = decoders.WordPiece()
+        return self.tokenizer.decode_batch([[int(i) for i in s] for s in seqs],
+                                           skip_special_tokens=True)
+
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """ids int64 (N, L) and attention mask int64 (N, L), L = longest text (<= max_length)."""
         if isinstance(texts, str):

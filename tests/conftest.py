@@ -60,12 +60,24 @@ def tiny_fusion(tiny_run, tmp_path_factory) -> Path:
                  *TINY_FUSION])
 
 
+TINY_CAPTIONER = ["--epochs", "1", "--dim", "32", "--embed", "16", "--batch-size", "64",
+                  "--seed", "0"]
+
+
 @pytest.fixture(scope="session")
-def tiny_bundle(tiny_run, tiny_fusion, tmp_path_factory) -> Path:
+def tiny_captioner(tiny_run, tmp_path_factory) -> Path:
+    from training.train_captioner import main
+
+    return main(["--run", str(tiny_run), "--out", str(tmp_path_factory.mktemp("captioner")),
+                 *TINY_CAPTIONER])
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run, tiny_fusion, tiny_captioner, tmp_path_factory) -> Path:
     from export.__main__ import main
 
     return main([str(tiny_run), str(tmp_path_factory.mktemp("bundles") / "tiny"),
-                 "--fusion", str(tiny_fusion)])
+                 "--fusion", str(tiny_fusion), "--captioner", str(tiny_captioner)])
 
 
 @pytest.fixture(scope="session")
