@@ -1,5 +1,5 @@
-"""mmdemo in the browser: retrieval and fused classification over an exported bundle, served
-with ONNX Runtime.
+"""mmdemo in the browser: retrieval, fused classification and generation over an exported
+bundle, served with ONNX Runtime.
 
     python app.py                      # builds the default bundle on first start, then serves
     python app.py --preset pretrained  # frozen pretrained encoders, offline (~5 min, once)
@@ -276,6 +276,67 @@ def remove_images(ids_text: str):
     return f"Removed {len(words)} item(s); the gallery now holds {len(e.gallery)}."
 
 
+DECODING = [("beam search", "beam"), ("greedy", "greedy"), ("nucleus sampling", "nucleus")]
+MAX_SEED = 2**31 - 1
+
+
+def _reading(objects: list[dict]) -> str:
+    """The oracle's objects in words."""
+    if not objects:
+        return "nothing it can read"
+    return "; ".join(f"{o['size']} {o['color']} {o['shape']} at ({o['x']:.0f}, {o['y']:.0f})"
+                     for o in objects)
+
+
+@_friendly
+def caption(image, method: str = "beam", width: float = 3, temperature: float = 1.0,
+            top_p: float = 0.9, max_length: float = 32, seed: float = 0):
+    """Image -> the decoder's caption, a note on how it was decoded, and the two gallery
+    captions retrieval ranks first for the image (for comparison)."""
+    e = load_engine()
+    img = _need_image(image)
+    c = e.caption(img, method, int(width), float(top_p), float(temperature), int(max_length),
+                  seed=int(seed))
+    how = {"beam": f"beam search, width {int(width)}", "greedy": "greedy",
+           "nucleus": f"nucleus sampling, top-p {top_p:.2f}, temperature {temperature:.2f}, "
+                      f"seed {int(seed)}"}[method]
+    note = (f"**Decoding:** {how} · {c.tokens} tokens · log-probability {c.logprob:.2f}"
+            + ("" if c.finished else f"  \nStopped at the maximum length ({int(max_length)} "
+               "tokens) before the caption ended."))
+    rows = [[r + 1, round(h.score, 3), h.text, h.image_id] for r, h in enumerate(c.nearest)]
+    return c.text, note, rows
+
+
+@_friendly
+def generate_image(prompt: str, n: float = 4, seed: float = 0, randomize: bool = False,
+                   temperature: float = 1.0, progress=gr.Progress()):  # noqa: B008
+    """Text -> n images from the generator, each with the oracle's reading, its score against
+    the prompt in the joint space and its nearest real gallery image; and the seed used."""
+    import numpy as np
+    from PIL import Image
+
+    e = load_engine()
+    text = _need_text(prompt)
+    if randomize:
+        seed = int(np.random.default_rng().integers(MAX_SEED))
+    progress(0, desc="drawing")
+    samples = e.generate_image(text, int(n), int(seed), float(temperature),
+                               progress=lambda d, t: progress(d / t, desc=f"sample {d}/{t}"))
+    verdict = {True: "satisfies the prompt", False: "does not satisfy the prompt",
+               None: "cannot be checked"}
+    drawn = [(Image.fromarray(s.image).resize((192, 192), Image.NEAREST),
+              f"seed {s.seed} · score {s.score:.2f} · {verdict[s.satisfies]}") for s in samples]
+    nearest = [(h.image, f"nearest to seed {s.seed}: gallery {h.id}, cosine {h.score:.2f}")
+               for s in samples if (h := s.nearest) is not None]
+    rows = [[s.seed, round(s.score, 3), verdict[s.satisfies], _reading(s.reading)]
+            for s in samples]
+    ok = [s.satisfies for s in samples if s.satisfies is not None]
+    note = (f"**{sum(ok)} of {len(ok)}** samples satisfy the prompt, as the oracle reads them."
+            if ok else "The oracle cannot read this prompt (it knows the shapes world's "
+            "grammar: sizes, colors, shapes, left of / right of / above / below).")
+    return drawn, nearest, rows, note, int(seed)
+
+
 def about() -> tuple[str, str | None]:
     """The manifest in words and the training curves."""
     e = load_engine()
@@ -307,6 +368,25 @@ def about() -> tuple[str, str | None]:
         for name, r in fusion["methods"].items():
             text += (f"| {METHOD_NAMES.get(name, name)} | {r[score]:.3f} | "
                      + " | ".join(f"{r[k]:.3f}" if k in r else "" for k in errs) + " |\n")
+    cap = m["metrics"].get("captioning")
+    if cap:
+        text += ("\n#### Captions on the test split\n\n| decoding | BLEU-4 | CIDEr-D | "
+                 "attribute precision | recall | F1 |\n|---|---|---|---|---|---|\n")
+        for name in ("greedy", "beam3"):
+            r = cap.get(name)
+            if r:
+                text += (f"| {name} | {r['BLEU-4']:.3f} | {r['CIDEr-D']:.3f} | "
+                         + " | ".join(f"{r.get('mention_' + k, float('nan')):.3f}"
+                                      for k in ("precision", "recall", "f1")) + " |\n")
+    gen = m["metrics"].get("generator")
+    if gen:
+        text += (f"\n#### Images from text ({gen['prompts']} test captions)\n\n"
+                 f"- R-precision (prompt first among {gen['r_precision_candidates']}): "
+                 f"{gen['r_precision']:.3f} (real images: {gen['r_precision_real_images']:.3f})\n")
+        for k, words in (("single", "one-object prompts"), ("two", "two-object prompts")):
+            if gen.get(f"satisfied_{k}") is not None:
+                text += (f"- the oracle finds {gen[f'satisfied_{k}']:.3f} of the scenes drawn "
+                         f"for {gen[f'prompts_{k}']} {words} satisfying them\n")
     curves = str(e.root / m["curves"]) if m.get("curves") else None
     return text, curves
 
@@ -453,6 +533,49 @@ def build_demo() -> gr.Blocks:
                 examples = _fusion_examples(info)
                 if examples:
                     gr.Examples(examples, inputs=[f_img, f_text, f_method, f_a, f_truth])
+            with gr.Tab("Generation", id="generation"), gr.Tabs():
+                with gr.Tab("Caption an image", id="caption"):
+                    with gr.Row():
+                        g_img = image_input(label="Image", height=256)
+                        with gr.Column():
+                            g_method = gr.Radio(DECODING, value="beam", label="Decoding")
+                            g_width = gr.Slider(1, 8, 3, step=1, label="Beam width")
+                            g_temp = gr.Slider(0.1, 2.0, 1.0, step=0.05,
+                                               label="Temperature (nucleus)")
+                            g_top_p = gr.Slider(0.05, 1.0, 0.9, step=0.05, label="Top-p (nucleus)")
+                            g_len = gr.Slider(4, 32, 32, step=1, label="Maximum length (tokens)")
+                            g_seed = gr.Number(0, precision=0, label="Seed (nucleus)")
+                    g_btn = gr.Button("Caption", variant="primary")
+                    g_text = gr.Textbox(label="Caption", interactive=False)
+                    g_note = gr.Markdown()
+                    g_near = gr.Dataframe(headers=["rank", "score", "caption", "image id"],
+                                          label="For comparison: the gallery captions retrieval "
+                                                "ranks first for this image",
+                                          interactive=False, wrap=True)
+                    gr.Examples(_example_images(), inputs=[g_img])
+                with gr.Tab("Draw from text", id="draw"):
+                    with gr.Row():
+                        d_text = gr.Textbox(label="Prompt", scale=3,
+                                            placeholder="a large red circle left of a blue square")
+                        with gr.Column(scale=2):
+                            d_n = gr.Slider(1, 16, 4, step=1, label="Samples")
+                            d_temp = gr.Slider(0.0, 2.0, 1.0, step=0.05,
+                                               label="Temperature (spread of the latent z)")
+                            with gr.Row():
+                                d_seed = gr.Number(0, precision=0, label="Seed",
+                                                   minimum=0, maximum=MAX_SEED)
+                                d_rand = gr.Checkbox(False, label="Randomize seed")
+                    d_btn = gr.Button("Draw", variant="primary")
+                    d_note = gr.Markdown()
+                    d_out = gr.Gallery(label="Samples", columns=8, height="auto")
+                    d_table = gr.Dataframe(headers=["seed", "score", "oracle", "what the "
+                                                    "oracle reads"],
+                                           label="Each sample as the oracle reads it",
+                                           interactive=False, wrap=True)
+                    d_near = gr.Gallery(label="Nearest real gallery image of each sample "
+                                              "(a memorisation check)", columns=8,
+                                        height="auto")
+                    gr.Examples(EXAMPLE_TEXTS, inputs=[d_text])
             with gr.Tab("About", id="about"):
                 a_md = gr.Markdown("Loading the bundle ...")
                 a_img = gr.Image(label="Training curves", interactive=False)
@@ -468,6 +591,11 @@ def build_demo() -> gr.Blocks:
         c_out.select(_pick_caption, [c_out], [t_text, t_out, t_ids, sub], api_name=False)
         gr.on([f_btn.click, f_text.submit], classify, [f_img, f_text, f_method, f_a],
               [f_fused, f_image_only, f_text_only, f_overlay, f_note], api_name="classify")
+        gr.on([g_btn.click], caption, [g_img, g_method, g_width, g_temp, g_top_p, g_len, g_seed],
+              [g_text, g_note, g_near], api_name="caption")
+        gr.on([d_btn.click, d_text.submit], generate_image,
+              [d_text, d_n, d_seed, d_rand, d_temp], [d_out, d_near, d_table, d_note, d_seed],
+              api_name="generate_image")
         if not _read_only:
             u_btn.click(add_images, [u_files], [u_out, u_note], api_name="add_images")
             gr.on([u_rm.click, u_ids.submit], remove_images, [u_ids], [u_rm_note],

@@ -8,9 +8,13 @@ from pathlib import Path
 
 # The same settings as the README's step-by-step commands.
 SHAPES_ARGS = ["--n-train", "8000", "--n-val", "500", "--n-test", "1000", "--seed", "0"]
-TRAIN_ARGS = ["--epochs", "10", "--batch-size", "128", "--cnn-width", "24", "--seed", "0",
+TRAIN_ARGS = ["--epochs", "8", "--batch-size", "128", "--cnn-width", "24", "--seed", "0",
               "--threads", "2"]
 FUSION_ARGS = ["--epochs", "4", "--seed", "0", "--threads", "2"]
+# Generation is trained on the frozen dual encoder; its epochs are few so that the whole build
+# does not grow by more than it must.
+CAPTIONER_ARGS = ["--epochs", "2", "--seed", "0", "--threads", "2"]
+GENERATOR_ARGS = ["--epochs", "6", "--seed", "0", "--threads", "2"]
 
 # The pretrained preset: ImageNet EfficientNet-Lite0 and the all-MiniLM-L6-v2 sentence encoder,
 # both shipped by PyPI packages (no network), frozen; their features are computed once and only
@@ -24,39 +28,56 @@ PRETRAINED_TRAIN_ARGS = [
     "--image-tune", "frozen", "--text-tune", "frozen", "--hard-negatives", "0",
     "--epochs", "10", "--batch-size", "128", "--warmup-steps", "50", "--seed", "0",
     "--threads", "2"]
-PRESETS = {"default": {"train": TRAIN_ARGS, "fusion": True},
-           "pretrained": {"train": PRETRAINED_TRAIN_ARGS, "fusion": False}}
+PRESETS = {"default": {"train": TRAIN_ARGS, "fusion": True, "generation": True},
+           "pretrained": {"train": PRETRAINED_TRAIN_ARGS, "fusion": False,
+                          "generation": False}}
 
 
 def build_default_bundle(bundle_dir: Path | str, work_dir: Path | str = "runs/default",
                          shapes_args: list[str] | None = None,
                          train_args: list[str] | None = None,
-                         fusion_args: list[str] | None = None, preset: str = "default") -> Path:
-    """generate -> train -> train fusion -> export into bundle_dir; work_dir keeps the data and
-    the runs, so an interrupted build resumes from its last epoch. `preset` picks the settings
-    (PRESETS): "default" (small encoders trained from scratch, with fusion) or "pretrained"
-    (frozen pretrained encoders, no fusion models)."""
+                         fusion_args: list[str] | None = None, preset: str = "default",
+                         captioner_args: list[str] | None = None,
+                         generator_args: list[str] | None = None) -> Path:
+    """generate -> train -> train fusion -> train the caption decoder and the image generator
+    -> export into bundle_dir; work_dir keeps the data and the runs, so an interrupted build
+    resumes from its last epoch. `preset` picks the settings (PRESETS): "default" (small
+    encoders trained from scratch, with fusion and generation) or "pretrained" (frozen
+    pretrained encoders, retrieval only)."""
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r}; expected one of {sorted(PRESETS)}")
     from export.onnx import export_bundle
     from training.__main__ import main as train_main
     from training.data.shapes import main as shapes_main
+    from training.train_captioner import main as captioner_main
     from training.train_fusion import main as fusion_main
+    from training.train_generator import main as generator_main
 
     work = Path(work_dir)
     data, run, fusion = work / "data", work / "run", work / "fusion"
+    captioner, generator = work / "captioner", work / "generator"
+    p = PRESETS[preset]
     labels = data / "labels_test.json"
     if not labels.is_file() or "question_kinds" not in json.loads(labels.read_text()):
-        print(f"[1/4] generating the shapes world in {data}", flush=True)
+        print(f"[1/5] generating the shapes world in {data}", flush=True)
         shapes_main(["--out", str(data), *(shapes_args or SHAPES_ARGS)])
-    print(f"[2/4] training the dual encoder in {run}", flush=True)
-    train_main(["--data", str(data), "--out", str(run),
-                *(train_args or PRESETS[preset]["train"])])
-    if PRESETS[preset]["fusion"]:
-        print(f"[3/4] training the fusion models in {fusion}", flush=True)
+    print(f"[2/5] training the dual encoder in {run}", flush=True)
+    train_main(["--data", str(data), "--out", str(run), *(train_args or p["train"])])
+    if p["fusion"]:
+        print(f"[3/5] training the fusion models in {fusion}", flush=True)
         fusion_main(["--run", str(run), "--out", str(fusion), *(fusion_args or FUSION_ARGS)])
     else:
-        print("[3/4] no fusion models in this preset", flush=True)
-    print(f"[4/4] exporting the bundle to {bundle_dir}", flush=True)
-    return export_bundle(run, bundle_dir,
-                         fusion_dir=fusion if PRESETS[preset]["fusion"] else None)
+        print("[3/5] no fusion models in this preset", flush=True)
+    if p["generation"]:
+        print(f"[4/5] training the caption decoder in {captioner} and the image generator "
+              f"in {generator}", flush=True)
+        captioner_main(["--run", str(run), "--out", str(captioner),
+                        *(captioner_args or CAPTIONER_ARGS)])
+        generator_main(["--run", str(run), "--data", str(data), "--out", str(generator),
+                        *(generator_args or GENERATOR_ARGS)])
+    else:
+        print("[4/5] no generation models in this preset", flush=True)
+    print(f"[5/5] exporting the bundle to {bundle_dir}", flush=True)
+    return export_bundle(run, bundle_dir, fusion_dir=fusion if p["fusion"] else None,
+                         captioner_dir=captioner if p["generation"] else None,
+                         generator_dir=generator if p["generation"] else None)

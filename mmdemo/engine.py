@@ -270,9 +270,9 @@ class Engine:
         return self.manifest.get("captioning", {})
 
     @property
-    def generation(self) -> dict:
+    def generator(self) -> dict:
         """The bundle's image generator settings; {} if it has none."""
-        return self.manifest.get("generation", {})
+        return self.manifest.get("generator", {})
 
     def caption(self, image, method: str = "beam", width: int = 3, top_p: float = 0.9,
                 temperature: float = 1.0, max_length: int | None = None,
@@ -304,7 +304,7 @@ class Engine:
         (sample i uses seed + i), decoded with the prompt's embedding; each sample read by the
         oracle, scored against the prompt and matched to its nearest gallery image.
         `progress(done, n)` is called after each sample."""
-        if not self.generation:
+        if not self.generator:
             raise ValueError("this bundle has no image generator; export it with "
                              "`python -m export RUN BUNDLE --generator GENERATOR_RUN`")
         from mmdemo.oracle import parse_scene, read_caption, satisfies
@@ -318,15 +318,15 @@ class Engine:
             raise ValueError(f"seed is {seed}; expected 0 to {2**31 - 1}")
         text = clean_text(prompt)[0]
         emb = self.encode_texts([text])
-        claim = read_caption(text) if self.generation.get("oracle") else None
-        sess, zdim = self.sessions["image_generator"], int(self.generation["latent_dim"])
+        claim = read_caption(text) if self.generator.get("oracle") else None
+        sess, zdim = self.sessions["image_generator"], int(self.generator["latent_dim"])
         out = []
         for i in range(int(n)):
             z = np.random.default_rng(seed + i).standard_normal((1, zdim)).astype(np.float32)
             x = sess.run(["image"], {"text_embedding": emb, "z": z * np.float32(temperature)})[0]
             img = (np.clip(x[0].transpose(1, 2, 0), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
             q = self.encode_images([img])
-            reading = parse_scene(img) if self.generation.get("oracle") else []
+            reading = parse_scene(img) if self.generator.get("oracle") else []
             ok = satisfies(reading, claim) if claim and claim.get("mentions") else None
             hits = self._image_hits(q, 1)
             out.append(GeneratedImage(img, seed + i, reading, ok, float((q @ emb.T)[0, 0]),

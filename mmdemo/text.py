@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from pathlib import Path
 
@@ -81,8 +82,9 @@ class TextTokenizer:
             from tokenizers import decoders
 
             self.tokenizer.decoder = decoders.WordPiece()
-        return self.tokenizer.decode_batch([[int(i) for i in s] for s in seqs],
-                                           skip_special_tokens=True)
+        texts = self.tokenizer.decode_batch([[int(i) for i in s] for s in seqs],
+                                            skip_special_tokens=True)
+        return [re.sub(r" ([,.:;?!])", r"\1", t) for t in texts]  # "shapes :" -> "shapes:"
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """ids int64 (N, L) and attention mask int64 (N, L), L = longest text (<= max_length)."""

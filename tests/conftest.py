@@ -72,12 +72,26 @@ def tiny_captioner(tiny_run, tmp_path_factory) -> Path:
                  *TINY_CAPTIONER])
 
 
+TINY_GENERATOR = ["--epochs", "1", "--batch-size", "32", "--width", "4", "--latent-dim", "4",
+                  "--cond-dim", "16", "--seed", "0"]
+
+
 @pytest.fixture(scope="session")
-def tiny_bundle(tiny_run, tiny_fusion, tiny_captioner, tmp_path_factory) -> Path:
+def tiny_generator_run(tiny_run, tiny_data, tmp_path_factory) -> Path:
+    from training.train_generator import main
+
+    return main(["--run", str(tiny_run), "--data", str(tiny_data), "--out",
+                 str(tmp_path_factory.mktemp("generator") / "gen"), *TINY_GENERATOR])
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run, tiny_fusion, tiny_captioner, tiny_generator_run,
+                tmp_path_factory) -> Path:
     from export.__main__ import main
 
     return main([str(tiny_run), str(tmp_path_factory.mktemp("bundles") / "tiny"),
-                 "--fusion", str(tiny_fusion), "--captioner", str(tiny_captioner)])
+                 "--fusion", str(tiny_fusion), "--captioner", str(tiny_captioner),
+                 "--generator", str(tiny_generator_run)])
 
 
 @pytest.fixture(scope="session")

@@ -134,3 +134,38 @@ def test_cli_names_a_missing_or_damaged_bundle(tmp_path, tiny_bundle):
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "text_encoder.onnx has sha256" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_caption(client):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    example = handle_file(str(ROOT / "examples" / "scene_1.png"))
+    text, note, near = client.predict(example, "beam", 3, 1.0, 0.9, 32, 0, api_name="/caption")
+    assert text and "beam search, width 3" in note
+    assert len(near["data"]) == 2 and all(r[2] for r in near["data"])
+    a = client.predict(example, "nucleus", 3, 1.5, 0.95, 32, 11, api_name="/caption")
+    b = client.predict(example, "nucleus", 3, 1.5, 0.95, 32, 11, api_name="/caption")
+    assert a[0] == b[0] and "seed 11" in a[1]
+    short, note, _ = client.predict(example, "greedy", 3, 1.0, 0.9, 4, 0, api_name="/caption")
+    assert "greedy" in note and int(note.split(" tokens")[0].split("· ")[-1]) <= 4
+    with pytest.raises(AppError, match="Upload an image first"):
+        client.predict(None, "beam", 3, 1.0, 0.9, 32, 0, api_name="/caption")
+
+
+def test_generate_image(client):
+    from gradio_client.exceptions import AppError
+
+    drawn, nearest, table, note, seed = client.predict(
+        "a large red circle", 3, 5, False, 1.0, api_name="/generate_image")
+    assert seed == 5 and len(drawn) == 3 and len(nearest) == 3
+    assert [r[0] for r in table["data"]] == [5, 6, 7]  # sample i draws with seed + i
+    assert all(Path(d["image"]).is_file() for d in drawn)
+    assert "samples satisfy the prompt" in note
+    again = client.predict("a large red circle", 1, 6, False, 1.0, api_name="/generate_image")
+    assert Path(again[0][0]["image"]).read_bytes() == Path(drawn[1]["image"]).read_bytes()
+    *_, other = client.predict("a large red circle", 1, 5, True, 1.0,
+                               api_name="/generate_image")
+    assert other != 5  # randomized (a 1 in 2**31 chance of the same seed)
+    with pytest.raises(AppError, match="Type a description first"):
+        client.predict(" ", 2, 0, False, 1.0, api_name="/generate_image")

@@ -107,8 +107,8 @@ def _shot(page, step: str) -> Path:
 
 def test_text_search_then_click_a_result(page):
     panel = _open(page, "Retrieval", "Text → images")
-    for tab in ("Fused classification", "About", "Image → images", "Image → captions",
-                "Image + text", "Your images"):
+    for tab in ("Fused classification", "Generation", "About", "Image → images",
+                "Image → captions", "Image + text", "Your images"):
         expect(page.get_by_role("tab", name=tab, exact=True)).to_have_count(1)
     expect(panel.locator(".thumbnail-item")).to_have_count(0)
     panel.get_by_label("Description").fill("a blue square")
@@ -236,6 +236,23 @@ def test_fused_classification_example(page, app):
     expect(fused).to_have_count(1)
     assert fused.inner_text().strip() in ANSWERS, fused.inner_text()
     _shot(page, "6-fused-classification")
+
+
+def test_caption_and_draw(page):
+    panel = _open(page, "Generation", "Caption an image")
+    _upload(panel, SCENE / "scene_2.png")
+    panel.get_by_role("button", name="Caption").click()
+    expect(panel.get_by_label("Caption", exact=True)).not_to_have_value("")
+    expect(panel.get_by_text("beam search, width 3")).to_be_visible()
+    expect(panel.locator("[role=row]:has([role=gridcell])")).to_have_count(2)
+    _shot(page, "8-caption")
+    panel = _open(page, "Generation", "Draw from text")
+    panel.get_by_label("Prompt").fill("a large red circle")
+    panel.get_by_role("button", name="Draw").click()
+    expect(panel.get_by_text("samples satisfy the prompt")).to_be_visible()
+    expect(panel.locator(".thumbnail-item")).to_have_count(8)  # 4 samples, 4 nearest images
+    expect(panel.locator("[role=row]:has([role=gridcell])")).to_have_count(4)
+    _shot(page, "9-draw-from-text")
 
 
 def test_about(page):

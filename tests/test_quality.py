@@ -100,3 +100,30 @@ def test_engine_reproduces_the_fusion_ablation(served):
     want = m["metrics"]["fusion"]["methods"][method]
     assert right / n == pytest.approx(want["accuracy"], abs=0.002)
     assert float(np.mean(err)) == pytest.approx(want["mae_position"], abs=0.002)
+
+
+CAPTION_FLOORS = {"mention_f1": 0.90, "BLEU-4": 0.40, "CIDEr-D": 2.0}
+
+
+def test_captions_meet_the_targets(served):
+    """Beam-search captions of the test split name what the oracle sees in each image."""
+    _, m = served
+    c = m["metrics"]["captioning"]
+    for key, floor in CAPTION_FLOORS.items():
+        assert c["beam3"][key] >= floor, f"beam3 {key} = {c['beam3'][key]:.3f} < {floor}"
+    assert c["parity_max_abs_diff"] < 1e-4
+
+
+def test_engine_captions_score_as_the_manifest_says(served):
+    """Engine.caption (numpy preprocessing, ORT, beam search in numpy) on 150 test images,
+    graded by the oracle's reading of each image."""
+    from mmdemo.oracle import attribute_scores, parse_scene
+
+    engine, m = served
+    ids = sorted(engine.gallery)[:150]
+    images = [np.asarray(engine.gallery_image(i)) for i in ids]
+    texts = [engine.caption(im, "beam", width=3).text for im in images]
+    got = attribute_scores(texts, [parse_scene(im) for im in images])
+    assert got["mention_f1"] >= CAPTION_FLOORS["mention_f1"], got
+    assert got["mention_f1"] == pytest.approx(
+        m["metrics"]["captioning"]["beam3"]["mention_f1"], abs=0.05)
