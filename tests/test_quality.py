@@ -127,3 +127,33 @@ def test_engine_captions_score_as_the_manifest_says(served):
     assert got["mention_f1"] >= CAPTION_FLOORS["mention_f1"], got
     assert got["mention_f1"] == pytest.approx(
         m["metrics"]["captioning"]["beam3"]["mention_f1"], abs=0.05)
+
+
+# The generator misses the issue's targets (0.80 / 0.50 / 0.70, see the README); these floors
+# sit far above what a generator that ignores its prompt scores (R-precision 0.01 by chance,
+# about 1 in 40 one-object prompts met by a random color and shape), below what it reaches.
+GENERATOR_FLOORS = {"r_precision": 0.25, "satisfied_single": 0.10}
+
+
+def test_generator_beats_chance_by_far(served):
+    _, m = served
+    g = m["metrics"]["generator"]
+    for key, floor in GENERATOR_FLOORS.items():
+        assert g[key] >= floor, f"{key} = {g[key]:.3f} < {floor}"
+    assert g["r_precision_real_images"] >= g["r_precision"]
+    assert g["parity"]["max_abs_diff"] < 1e-4
+
+
+def test_engine_draws_what_one_object_prompts_ask(served):
+    """Engine.generate_image on 80 one-object prompts of the test split, one sample each,
+    graded by the oracle; the same seed draws the same picture again."""
+    from mmdemo.oracle import read_caption
+
+    engine, m = served
+    prompts = sorted({c for it in engine.gallery.values() for c in it["captions"]
+                      if len(read_caption(c)["mentions"]) == 1})[:80]
+    hits = [engine.generate_image(p, 1, seed=i)[0] for i, p in enumerate(prompts)]
+    rate = float(np.mean([h.satisfies for h in hits]))
+    assert rate >= GENERATOR_FLOORS["satisfied_single"], rate
+    again = engine.generate_image(prompts[0], 1, seed=0)[0]
+    assert np.array_equal(again.image, hits[0].image)
