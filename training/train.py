@@ -169,6 +169,15 @@ def load_checkpoint(ckpt_dir: Path, model: torch.nn.Module,
     return meta
 
 
+def warmup_cosine(step: int, peak: float, warmup: int, total: int) -> float:
+    """The learning rate at `step`: linear warm-up to `peak` over `warmup` steps, then cosine
+    decay to peak / 20 at `total` steps (every trainer here uses it)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak / 20 + (peak - peak / 20) * 0.5 * (1 + math.cos(math.pi * p))
+
+
 def trim_metrics(csv_path: Path, epochs: int) -> None:
     """Drop rows past `epochs` from a metrics CSV: a run killed after writing an epoch's row but
     before its checkpoint redoes that epoch, and must not log it twice."""
@@ -481,10 +490,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> Pa
                                                     indent=2))
 
     def lr_at(s: int) -> float:
-        if s < cfg.warmup_steps:
-            return cfg.lr * (s + 1) / cfg.warmup_steps
-        p = (s - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-        return cfg.lr / 20 + (cfg.lr - cfg.lr / 20) * 0.5 * (1 + math.cos(math.pi * min(1, p)))
+        return warmup_cosine(s, cfg.lr, cfg.warmup_steps, total)
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()

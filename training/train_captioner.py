@@ -38,6 +38,7 @@ from training.train import (
     load_splits,
     save_checkpoint,
     trim_metrics,
+    warmup_cosine,
 )
 from training.train_fusion import image_maps
 
@@ -207,10 +208,7 @@ def train_captioner(cfg: CaptionerConfig) -> Path:
     total = cfg.epochs * steps_per_epoch
 
     def lr_at(s: int) -> float:
-        if s < cfg.warmup_steps:
-            return cfg.lr * (s + 1) / cfg.warmup_steps
-        p = min(1.0, (s - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-        return cfg.lr / 20 + (cfg.lr - cfg.lr / 20) * 0.5 * (1 + np.cos(np.pi * p))
+        return warmup_cosine(s, cfg.lr, cfg.warmup_steps, total)
 
     csv_path = out / "metrics.csv"
     trim_metrics(csv_path, start)

@@ -36,7 +36,7 @@ from training.data.transforms import load_images
 from training.evaluate import task_metrics
 from training.fusion import METHODS, FusionModel, feature_grid, fusion_loss
 from training.models import ModelConfig, build_model
-from training.train import load_checkpoint, load_run, save_checkpoint, trim_metrics
+from training.train import load_checkpoint, load_run, save_checkpoint, trim_metrics, warmup_cosine
 
 
 @dataclass
@@ -269,10 +269,7 @@ def train_method(method: str, cfg: FusionConfig, spine, meta: dict, train_set: T
     kinds = torch.from_numpy(train_set.kinds)
 
     def lr_at(s: int) -> float:
-        if s < cfg.warmup_steps:
-            return cfg.lr * (s + 1) / cfg.warmup_steps
-        p = min(1.0, (s - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-        return cfg.lr / 20 + (cfg.lr - cfg.lr / 20) * 0.5 * (1 + np.cos(np.pi * p))
+        return warmup_cosine(s, cfg.lr, cfg.warmup_steps, total)
 
     csv_path = out / "metrics.csv"
     out.mkdir(parents=True, exist_ok=True)

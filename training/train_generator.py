@@ -45,7 +45,14 @@ from training.generator import (
     VAELoss,
     build_generator,
 )
-from training.train import embed_texts, load_checkpoint, load_run, save_checkpoint, trim_metrics
+from training.train import (
+    embed_texts,
+    load_checkpoint,
+    load_run,
+    save_checkpoint,
+    trim_metrics,
+    warmup_cosine,
+)
 
 
 @dataclass
@@ -250,10 +257,7 @@ def train_generator(cfg: GeneratorTrainConfig, gcfg: GeneratorConfig) -> Path:
     total = cfg.epochs * steps_per_epoch
 
     def lr_at(s: int) -> float:
-        if s < cfg.warmup_steps:
-            return cfg.lr * (s + 1) / cfg.warmup_steps
-        p = min(1.0, (s - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-        return cfg.lr / 20 + (cfg.lr - cfg.lr / 20) * 0.5 * (1 + math.cos(math.pi * p))
+        return warmup_cosine(s, cfg.lr, cfg.warmup_steps, total)
 
     csv_path = out / "metrics.csv"
     trim_metrics(csv_path, start)
