@@ -35,15 +35,17 @@ def _take(state: State, rows: np.ndarray) -> State:
     return {k: v[rows] for k, v in state.items()}
 
 
-def greedy(step: Step, state: State, bos: int, eos: int, max_len: int) -> list[Hypothesis]:
-    """The most probable token at every step, for each of the B items of `state`."""
+def _token_by_token(step: Step, state: State, bos: int, eos: int, max_len: int,
+                    choose: Callable[[np.ndarray], np.ndarray]) -> list[Hypothesis]:
+    """Each of the B items of `state` decoded alone: `choose(logprobs (B, V)) -> tokens (B,)`
+    picks every next token, until each item has produced the end token or max_len steps."""
     n = len(next(iter(state.values())))
     tok = np.full(n, bos, dtype=np.int64)
     seqs: list[list[int]] = [[] for _ in range(n)]
     lp, done = np.zeros(n), np.zeros(n, dtype=bool)
     for _ in range(max_len):
         logp, state = step(tok, state)
-        tok = logp.argmax(1).astype(np.int64)
+        tok = choose(logp).astype(np.int64)
         lp += np.where(done, 0.0, logp[np.arange(n), tok])
         for i in np.flatnonzero(~done):
             if tok[i] != eos:
@@ -52,6 +54,11 @@ def greedy(step: Step, state: State, bos: int, eos: int, max_len: int) -> list[H
         if done.all():
             break
     return [Hypothesis(s, float(p), bool(d)) for s, p, d in zip(seqs, lp, done)]
+
+
+def greedy(step: Step, state: State, bos: int, eos: int, max_len: int) -> list[Hypothesis]:
+    """The most probable token at every step, for each of the B items of `state`."""
+    return _token_by_token(step, state, bos, eos, max_len, lambda logp: logp.argmax(1))
 
 
 def beam_search(step: Step, state: State, bos: int, eos: int, max_len: int, width: int = 3,
@@ -102,12 +109,8 @@ def nucleus(step: Step, state: State, bos: int, eos: int, max_len: int, top_p: f
     if not temperature > 0.0:
         raise ValueError(f"temperature is {temperature}; expected a number above 0")
     rng = rng or np.random.default_rng()
-    n = len(next(iter(state.values())))
-    tok = np.full(n, bos, dtype=np.int64)
-    seqs: list[list[int]] = [[] for _ in range(n)]
-    lp, done = np.zeros(n), np.zeros(n, dtype=bool)
-    for _ in range(max_len):
-        logp, state = step(tok, state)
+
+    def choose(logp: np.ndarray) -> np.ndarray:
         z = logp.astype(np.float64) / temperature
         p = np.exp(z - z.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
@@ -117,15 +120,9 @@ def nucleus(step: Step, state: State, bos: int, eos: int, max_len: int, top_p: f
         sp = np.where(keep, sp, 0.0)
         sp /= sp.sum(1, keepdims=True)
         pick = np.array([rng.choice(len(row), p=row) for row in sp])
-        tok = order[np.arange(n), pick].astype(np.int64)
-        lp += np.where(done, 0.0, logp[np.arange(n), tok])
-        for i in np.flatnonzero(~done):
-            if tok[i] != eos:
-                seqs[i].append(int(tok[i]))
-        done |= tok == eos
-        if done.all():
-            break
-    return [Hypothesis(s, float(p), bool(d)) for s, p, d in zip(seqs, lp, done)]
+        return order[np.arange(len(pick)), pick]
+
+    return _token_by_token(step, state, bos, eos, max_len, choose)
 
 
 class Captioner:

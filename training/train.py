@@ -196,13 +196,29 @@ def trim_metrics(csv_path: Path, epochs: int) -> None:
         tmp.replace(csv_path)
 
 
-def load_run(run_dir: Path | str) -> tuple[DualEncoder, dict]:
-    """The trained model of a run (eval mode) and its checkpoint metadata."""
-    ckpt = Path(run_dir) / "checkpoints" / "last"
+def append_metrics(csv_path: Path, row: dict, first: bool) -> None:
+    """One epoch's row of metrics.csv; `first` (or a missing file) starts it with the header."""
+    new = first or not csv_path.is_file()
+    with csv_path.open("w" if new else "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def last_checkpoint(out_dir: Path | str, command: str) -> tuple[Path, dict]:
+    """out_dir/checkpoints/last (a save killed halfway repaired) and its meta; without one, a
+    FileNotFoundError that names the `command` that trains it."""
+    ckpt = Path(out_dir) / "checkpoints" / "last"
     recover_dir(ckpt)
     if not (ckpt / "meta.json").is_file():
-        raise FileNotFoundError(f"{run_dir} has no checkpoint; train it with `python -m training`")
-    meta = json.loads((ckpt / "meta.json").read_text())
+        raise FileNotFoundError(f"{out_dir} has no checkpoint; train it with `{command}`")
+    return ckpt, json.loads((ckpt / "meta.json").read_text())
+
+
+def load_run(run_dir: Path | str) -> tuple[DualEncoder, dict]:
+    """The trained model of a run (eval mode) and its checkpoint metadata."""
+    ckpt, meta = last_checkpoint(run_dir, "python -m training")
     model = build_model(ModelConfig(**meta["model_config"]))
     load_checkpoint(ckpt, model)
     return model.eval(), meta
@@ -529,12 +545,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> Pa
         row = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
                "lr": lr_at(step), "temperature": float(1 / model.logit_scale.detach().exp()),
                "seconds": round(time.time() - t0, 1), **metrics}
-        new = not csv_path.is_file() or epoch == 0
-        with csv_path.open("w" if new else "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        append_metrics(csv_path, row, first=epoch == 0)
         plot_curves(csv_path, out / "curves.png")
         save_checkpoint(ckpt, model, opt, {"epoch": epoch + 1, "step": step,
                                            "model_config": asdict(model_cfg),

@@ -11,7 +11,6 @@ computed once, so an epoch costs only the decoder. Its tokenizer is the decoder'
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 import sys
@@ -33,6 +32,8 @@ from training.data.transforms import load_images
 from training.fusion import feature_grid
 from training.train import (
     TrainConfig,
+    append_metrics,
+    last_checkpoint,
     load_checkpoint,
     load_run,
     load_splits,
@@ -142,12 +143,7 @@ def val_metrics(model: CaptionDecoder, fmap: torch.Tensor, data: CaptionSet,
 
 def load_captioner(out_dir: Path | str) -> tuple[CaptionDecoder, dict]:
     """A trained caption decoder (eval mode) and its meta."""
-    ckpt = Path(out_dir) / "checkpoints" / "last"
-    recover_dir(ckpt)
-    if not (ckpt / "meta.json").is_file():
-        raise FileNotFoundError(f"{out_dir} has no checkpoint; train it with "
-                                "`python -m training.train_captioner`")
-    meta = json.loads((ckpt / "meta.json").read_text())
+    ckpt, meta = last_checkpoint(out_dir, "python -m training.train_captioner")
     model = build_captioner(CaptionerModelConfig(**meta["model"]))
     model.load_state_dict(load_file(ckpt / "model.safetensors"))
     return model.eval(), meta
@@ -239,11 +235,7 @@ def train_captioner(cfg: CaptionerConfig) -> Path:
         metrics = val_metrics(model, fmap_val, val_set, tok, ids, max_len)
         row = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
                "seconds": round(time.time() - t0, 1), **metrics}
-        with csv_path.open("w" if epoch == 0 else "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if epoch == 0:
-                w.writeheader()
-            w.writerow(row)
+        append_metrics(csv_path, row, first=epoch == 0)
         save_checkpoint(ckpt, model, opt, {
             "epoch": epoch + 1, "step": step, "captioner_config": asdict(cfg),
             "model": asdict(mcfg), "special": ids, "max_length": max_len,

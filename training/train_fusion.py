@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import random
 import sys
@@ -36,7 +35,15 @@ from training.data.transforms import load_images
 from training.evaluate import task_metrics
 from training.fusion import METHODS, FusionModel, feature_grid, fusion_loss
 from training.models import ModelConfig, build_model
-from training.train import load_checkpoint, load_run, save_checkpoint, trim_metrics, warmup_cosine
+from training.train import (
+    append_metrics,
+    last_checkpoint,
+    load_checkpoint,
+    load_run,
+    save_checkpoint,
+    trim_metrics,
+    warmup_cosine,
+)
 
 
 @dataclass
@@ -148,19 +155,13 @@ def set_train_mode(model: FusionModel, cfg: FusionConfig) -> None:
 
 def load_fusion(method_dir: Path | str) -> tuple[FusionModel, dict]:
     """A trained fusion model (eval mode) and its meta, from out/<method>/."""
-    method_dir = Path(method_dir)
-    meta_path = method_dir / "checkpoints" / "last" / "meta.json"
-    recover_dir(meta_path.parent)
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{method_dir} has no checkpoint; train it with "
-                                "`python -m training.train_fusion`")
-    meta = json.loads(meta_path.read_text())
+    ckpt, meta = last_checkpoint(method_dir, "python -m training.train_fusion")
     spine = build_model(ModelConfig(**meta["spine_model_config"]))
     g = meta["model"]
     model = FusionModel(spine.image_backbone, spine.text_backbone, meta["method"], g["grid"],
                         len(meta["task"]["classes"]), len(meta["task"]["values"]),
                         len(meta["task"]["kinds"]), g["dim"], g["heads"], g["layers"])
-    model.load_state_dict(load_file(meta_path.parent / "model.safetensors"))
+    model.load_state_dict(load_file(ckpt / "model.safetensors"))
     return model.eval(), meta
 
 
@@ -300,11 +301,7 @@ def train_method(method: str, cfg: FusionConfig, spine, meta: dict, train_set: T
         metrics = task_metrics(pred, val_set)
         row = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
                "seconds": round(time.time() - t0, 1), **metrics}
-        with csv_path.open("w" if epoch == 0 else "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if epoch == 0:
-                w.writeheader()
-            w.writerow(row)
+        append_metrics(csv_path, row, first=epoch == 0)
         save_checkpoint(ckpt, model, opt, {
             "epoch": epoch + 1, "step": step, "method": method, "fusion_config": asdict(cfg),
             "spine_model_config": meta["model_config"], "spine_run": str(cfg.run),

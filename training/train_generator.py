@@ -17,7 +17,6 @@ The defaults train in about 80 s on 2 CPU cores (8000 shapes-world scenes, 10 ep
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import math
@@ -46,7 +45,9 @@ from training.generator import (
     build_generator,
 )
 from training.train import (
+    append_metrics,
     embed_texts,
+    last_checkpoint,
     load_checkpoint,
     load_run,
     save_checkpoint,
@@ -172,12 +173,7 @@ def frozen_image_encoder(spine, spec: PreprocessSpec
 
 def load_generator(gen_dir: Path | str) -> tuple[ConditionalVAE, dict]:
     """A trained generator (eval mode) and its checkpoint meta, from out/."""
-    ckpt = Path(gen_dir) / "checkpoints" / "last"
-    recover_dir(ckpt)
-    if not (ckpt / "meta.json").is_file():
-        raise FileNotFoundError(f"{gen_dir} has no checkpoint; train it with "
-                                "`python -m training.train_generator`")
-    meta = json.loads((ckpt / "meta.json").read_text())
+    ckpt, meta = last_checkpoint(gen_dir, "python -m training.train_generator")
     model = build_generator(GeneratorConfig(**meta["generator_config"]))
     model.load_state_dict(load_file(ckpt / "model.safetensors"))
     return model.eval(), meta
@@ -290,11 +286,7 @@ def train_generator(cfg: GeneratorTrainConfig, gcfg: GeneratorConfig) -> Path:
         row = {"epoch": epoch + 1, "step": step, "lr": lr_at(step),
                **{f"train_{k}": v / n for k, v in sums.items()},
                "seconds": round(time.time() - t0, 1), **metrics}
-        with csv_path.open("w" if epoch == 0 else "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if epoch == 0:
-                w.writeheader()
-            w.writerow(row)
+        append_metrics(csv_path, row, first=epoch == 0)
         save_checkpoint(ckpt, model, opt, {
             "epoch": epoch + 1, "step": step, "generator_config": asdict(gcfg),
             "train_config": asdict(cfg), "run": str(cfg.run),
