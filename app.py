@@ -25,7 +25,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import gradio as gr  # noqa: E402
 
-from mmdemo import BundleError, Engine, store  # noqa: E402
+from mmdemo import BundleError, Engine, settings, store  # noqa: E402
 from mmdemo.hub import HubError, resolve_bundle  # noqa: E402
 from mmdemo.preprocess import ImageError, open_image  # noqa: E402
 
@@ -51,8 +51,6 @@ _engine_lock = threading.Lock()
 _read_only = os.environ.get("MMDEMO_READ_ONLY", "1" if os.environ.get("SPACE_ID") else "0") \
     not in ("", "0")
 MAX_UPLOAD = "20mb"  # Gradio refuses larger uploads before any handler runs
-QUEUE_SIZE = 64  # requests waiting beyond this are told the app is busy, at once
-CONCURRENCY = 4  # requests a single event handles at the same time
 
 
 def load_engine() -> Engine:
@@ -346,7 +344,8 @@ def about() -> tuple[str, str | None]:
     rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in b.items() if isinstance(v, float))
     text = (
         f"### Bundle `{m['name']}`\n\n"
-        f"- **Execution provider:** `{e.provider}`\n"
+        f"- **Execution provider:** `{e.provider}`"
+        + "".join(f" ({note})" for note in e.notes) + "\n"
         f"- **Image encoder:** {mc['image_encoder']} ({mc['image_size']} px), "
         f"**text encoder:** {mc['text_encoder']}, joint space d = {mc['embed_dim']}\n"
         f"- **Loss:** {tc['loss']} (hard negatives per image: {tc['hard_negatives']}), "
@@ -690,8 +689,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e.message}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"serving {args.bundle} on {engine.provider}", flush=True)
-    queue = int(os.environ.get("MMDEMO_QUEUE_SIZE", QUEUE_SIZE))
-    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=queue).launch(
+    demo.queue(default_concurrency_limit=settings.CONCURRENCY,
+               max_size=settings.QUEUE_SIZE).launch(
         server_name=args.host, server_port=args.port, share=args.share, show_error=True,
         auth=auth, max_file_size=MAX_UPLOAD,
         allowed_paths=[str(args.bundle.resolve() / "gallery"), str(EXAMPLES)])

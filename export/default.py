@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 # The same settings as the README's step-by-step commands.
@@ -57,15 +58,26 @@ def build_default_bundle(bundle_dir: Path | str, work_dir: Path | str = "runs/de
     data, run, fusion = work / "data", work / "run", work / "fusion"
     captioner, generator = work / "captioner", work / "generator"
     p = PRESETS[preset]
+    times: dict[str, float] = {}  # seconds per stage, written to work/build_times.json
+    clock = time.perf_counter()
+
+    def done(stage: str) -> None:
+        nonlocal clock
+        times[stage] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+
     labels = data / "labels_test.json"
     if not labels.is_file() or "question_kinds" not in json.loads(labels.read_text()):
         print(f"[1/5] generating the shapes world in {data}", flush=True)
         shapes_main(["--out", str(data), *(shapes_args or SHAPES_ARGS)])
+    done("data")
     print(f"[2/5] training the dual encoder in {run}", flush=True)
     train_main(["--data", str(data), "--out", str(run), *(train_args or p["train"])])
+    done("dual_encoder")
     if p["fusion"]:
         print(f"[3/5] training the fusion models in {fusion}", flush=True)
         fusion_main(["--run", str(run), "--out", str(fusion), *(fusion_args or FUSION_ARGS)])
+        done("fusion")
     else:
         print("[3/5] no fusion models in this preset", flush=True)
     if p["generation"]:
@@ -73,11 +85,19 @@ def build_default_bundle(bundle_dir: Path | str, work_dir: Path | str = "runs/de
               f"in {generator}", flush=True)
         captioner_main(["--run", str(run), "--out", str(captioner),
                         *(captioner_args or CAPTIONER_ARGS)])
+        done("captioner")
         generator_main(["--run", str(run), "--data", str(data), "--out", str(generator),
                         *(generator_args or GENERATOR_ARGS)])
+        done("generator")
     else:
         print("[4/5] no generation models in this preset", flush=True)
     print(f"[5/5] exporting the bundle to {bundle_dir}", flush=True)
-    return export_bundle(run, bundle_dir, fusion_dir=fusion if p["fusion"] else None,
-                         captioner_dir=captioner if p["generation"] else None,
-                         generator_dir=generator if p["generation"] else None)
+    out = export_bundle(run, bundle_dir, fusion_dir=fusion if p["fusion"] else None,
+                        captioner_dir=captioner if p["generation"] else None,
+                        generator_dir=generator if p["generation"] else None)
+    done("export")
+    # a resumed build's stages count only what this call did (finished epochs are skipped)
+    (work / "build_times.json").write_text(json.dumps(
+        {"preset": preset, "stages_s": times, "total_s": round(sum(times.values()), 1)},
+        indent=2))
+    return out

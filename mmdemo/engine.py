@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import platform
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from mmdemo import store
+from mmdemo import settings, store
 from mmdemo.bundle import BundleError, read_manifest
 from mmdemo.index import VectorIndex
 from mmdemo.preprocess import PreprocessSpec, preprocess, to_pil
@@ -24,9 +25,58 @@ MAX_K = 1000  # the most results one query returns
 
 _cuda_failed = False  # set once CUDA was asked for and did not load: stop asking
 
+# CPU features that decide the kernels and data layouts ONNX Runtime's level-ALL optimisations
+# write into a graph (NCHWc blocks are 8 floats wide with AVX2, 16 with AVX-512): a graph
+# optimised offline is used only on a CPU with the same ones and the same ONNX Runtime.
+CPU_FLAGS = ("sse4_1", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+             "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "neon", "asimd")
 
-def open_session(path: Path, providers: list[str] | None = None) -> ort.InferenceSession:
-    """An ORT session on CUDA where that provider is present and actually loads, else CPU.
+
+def session_options(level: ort.GraphOptimizationLevel | None = None) -> ort.SessionOptions:
+    """Options every session of the app shares: mmdemo.settings' thread count, nodes run in
+    order (graphs this sequential gain nothing from inter-op threads)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = settings.ORT_THREADS
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if level is not None:
+        opts.graph_optimization_level = level
+    return opts
+
+
+def cpu_fingerprint() -> dict:
+    """What an offline-optimised graph depends on: ONNX Runtime's version and the CPU's
+    features (from /proc/cpuinfo; empty where it cannot be read)."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"onnxruntime": ort.__version__, "machine": platform.machine(),
+            "cpu_flags": sorted(f for f in CPU_FLAGS if f in flags)}
+
+
+def optimize_for_cpu(src: Path, dst: Path) -> dict:
+    """Apply ONNX Runtime's level-ALL graph optimisations for the CPU once and save the result
+    at dst, so that a session opens it with none to do; returns the manifest entry."""
+    opts = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    opts.optimized_model_filepath = str(dst)
+    ort.set_default_logger_severity(3)  # its warning that the file suits this CPU only: see above
+    try:
+        ort.InferenceSession(str(src), sess_options=opts, providers=[CPU])
+    finally:
+        ort.set_default_logger_severity(2)
+    return {"file": dst.name, "level": "all", **cpu_fingerprint()}
+
+
+def open_session(path: Path, providers: list[str] | None = None,
+                 cpu_optimized: Path | None = None) -> ort.InferenceSession:
+    """An ORT session on CUDA where that provider is present and actually loads, else CPU;
+    on the CPU, `cpu_optimized` (a graph optimize_for_cpu wrote) is opened instead of `path`
+    where given, with no optimisation left to do.
 
     onnxruntime-gpu lists CUDA even on machines with no GPU and then falls back to CPU, logging
     errors; the first attempt is made quietly and its outcome read back with `get_providers()`.
@@ -35,17 +85,21 @@ def open_session(path: Path, providers: list[str] | None = None) -> ort.Inferenc
     if providers is None:
         want_cuda = CUDA in ort.get_available_providers() and not _cuda_failed
         providers = [CUDA, CPU] if want_cuda else [CPU]
-    opts = ort.SessionOptions()
     if CUDA in providers:
         ort.set_default_logger_severity(4)  # the fallback on a GPU-less machine is not news
         try:
-            sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            sess = ort.InferenceSession(str(path), sess_options=session_options(),
+                                        providers=providers)
         finally:
             ort.set_default_logger_severity(2)
         if CUDA not in sess.get_providers():
             _cuda_failed = True
         return sess
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    if cpu_optimized is not None:
+        return ort.InferenceSession(str(cpu_optimized), providers=providers,
+                                    sess_options=session_options(
+                                        ort.GraphOptimizationLevel.ORT_DISABLE_ALL))
+    return ort.InferenceSession(str(path), sess_options=session_options(), providers=providers)
 
 
 def _load_store(root: Path, manifest: dict
@@ -132,6 +186,7 @@ class Engine:
         self.tokenizer, self.spec, self.indexes = tokenizer, spec, indexes
         self.gallery, self.captions = gallery, captions
         self._write_lock = threading.RLock()  # adding or removing images (mmdemo.store)
+        self.notes: list[str] = []  # what the About tab should say about how the models run
 
     # ------------------------------------------------------------------ loading
 
@@ -140,14 +195,28 @@ class Engine:
         """Check the bundle's format and hashes, open its sessions and indexes."""
         root = Path(root)
         manifest = read_manifest(root)
-        sessions = {}
+        sessions, notes = {}, []
+        here, stale = cpu_fingerprint(), set()
         for role, info in manifest["models"].items():
-            sessions[role] = open_session(root / info["file"], providers)
+            opt = info.get("cpu_optimized")
+            if opt and {k: opt.get(k) for k in here} != here:
+                stale.add(role)
+                opt = None
+            sessions[role] = open_session(root / info["file"], providers,
+                                          root / opt["file"] if opt else None)
+        if CUDA in ort.get_available_providers() and _cuda_failed and providers is None:
+            notes.append("ONNX Runtime has the CUDA provider, but it did not load here (no "
+                         "usable GPU, driver or CUDA libraries): every model runs on the CPU.")
+        if stale:
+            notes.append(f"{len(stale)} graphs were optimised offline on another CPU or ONNX "
+                         "Runtime version: they are optimised again as they load.")
         tok = manifest["tokenizer"]
         tokenizer = TextTokenizer.from_file(root / tok["file"], tok["max_length"],
                                             tok["pad_token"])
         spec = PreprocessSpec.from_dict(manifest["preprocess"])
-        return cls(root, manifest, sessions, tokenizer, spec, *_load_store(root, manifest))
+        engine = cls(root, manifest, sessions, tokenizer, spec, *_load_store(root, manifest))
+        engine.notes = notes
+        return engine
 
     def reload(self) -> None:
         """Read the gallery and indexes again (another process added or removed images)."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mmdemo import settings
 from mmdemo.bundle import MANIFEST, THUMBNAIL, fsync_path, sha256_file
 from mmdemo.preprocess import ImageError, open_image
 
@@ -206,7 +207,8 @@ def _writing(engine: Engine) -> Iterator[None]:
 
 
 def add(engine: Engine, uploads: list[Upload],
-        progress: Callable[[int, int], None] | None = None, batch: int = 32) -> Added:
+        progress: Callable[[int, int], None] | None = None,
+        batch: int = settings.ENCODE_BATCH) -> Added:
     """Embed `uploads` with the bundle's encoders, add them to the gallery and both indexes
     (searchable at once) and publish the new state of the bundle on disk."""
     with _writing(engine):

@@ -14,6 +14,7 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
+from mmdemo import settings
 from mmdemo.bundle import BundleError, sha256_file
 
 
@@ -70,7 +71,7 @@ class VectorIndex:
         if k < 1:
             return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
         with self._lock:
-            ef = max(ef or 200, k)
+            ef = max(ef or settings.INDEX_EF, k)
             self._index.set_ef(ef)
             try:
                 labels, dist = self._index.knn_query(queries, k=k)
