@@ -1,8 +1,8 @@
 """Serving settings, in one place, each with the measurement behind it.
 
-The figures are `python -m mmdemo.bench` on the 2-core CPU machine the README describes
-(reports/bench/bench.json; the README's "Performance" section has the tables). Environment
-variables override the ones a deployment may want to change.
+The figures are from `python -m mmdemo.bench` on the default bundle on this project's 2-core
+CPU machine (reports/bench/bench.md has every table; the README's "Performance" section the
+summary). Environment variables override each setting.
 """
 
 from __future__ import annotations
@@ -20,28 +20,33 @@ def _int(name: str, default: int) -> int:
         raise SystemExit(f"error: ${name} is {value!r}; expected a whole number") from None
 
 
-# ONNX Runtime threads per session ($MMDEMO_ORT_THREADS; 0: ONNX Runtime's own choice, one per
-# physical core). The bench compares ORT and PyTorch at this same count; on 2 cores both
-# encoders are fastest with both cores at batch 1, and inter-op parallelism does not pay for
-# graphs this sequential, so sessions run their nodes one after another.
+# ONNX Runtime threads per session ($MMDEMO_ORT_THREADS; 0: ONNX Runtime's choice, one per
+# physical core, 2 here). At batch 1 the default bundle's graphs take 0.1 to 1.3 ms on 2
+# threads and about the same on 1 (image encoder 0.48 vs 0.69 ms, text encoder 0.45 vs
+# 0.42 ms), while ResNet-50 and BERT-base gain from the second core (83 vs 90 ms, 55 vs 75
+# ms): every core serves bigger encoders best and costs the small ones nothing. Nodes run one
+# after another (no inter-op threads): these graphs are chains.
 ORT_THREADS = _int("MMDEMO_ORT_THREADS", 0)
 
-# Requests one Gradio event handles at once. The bench's 8-client runs give about the same
-# throughput as 1 client (ONNX Runtime already uses every core for one request), so a higher
-# limit would only stretch each request's latency; 4 keeps a slow request (drawing 16 samples)
-# from holding up quick searches, and the load test runs 16 clients against it.
+# Requests one Gradio event handles at once ($MMDEMO_CONCURRENCY). Through Gradio a search
+# costs ~150-210 ms against 1-2 ms in the Engine; with 8 clients search_by_text served 11.9
+# calls/s at p50 656 ms: the server's own work, not the models, bounds throughput, so more
+# concurrency would only lengthen each request. 4 keeps one slow request (drawing 16 samples)
+# from holding up quick searches; the load test runs 16 clients against it with no failure.
 CONCURRENCY = _int("MMDEMO_CONCURRENCY", 4)
 
-# Requests that may wait beyond those; more are told at once that the app is busy.
+# Requests that may wait beyond those ($MMDEMO_QUEUE_SIZE); more are told at once that the app
+# is busy rather than left to time out (at ~8 calls/s, 64 waiting is ~8 s of work).
 QUEUE_SIZE = _int("MMDEMO_QUEUE_SIZE", 64)
 
-# hnswlib's ef at query time (raised to k where k is larger). The bench's sweep on vectors
-# drawn like the model's own gives recall@10 >= 0.99 from ef 40 at 100k vectors and 0.98 at
-# 1M; 200 keeps a margin for galleries that grow past the bench's sizes, at well under a
-# millisecond per query for galleries of the default's size.
+# hnswlib's ef at query time ($MMDEMO_INDEX_EF; raised to k where k is larger). On vectors
+# drawn like the model's own: recall@10 1.000 at 10k, 0.999 at 100k (0.26 ms a query, 7.5x
+# exact search) and 0.935 at 1M (0.59 ms, 43x). The default gallery (1000 images, 5000
+# captions) is below 10k, where ef 200 finds every true top 10; recall stays above 0.99 up to
+# ~100k items, and a gallery of 1M would want ef 640 for 0.986 (0.99 ms a query, 26x).
 INDEX_EF = _int("MMDEMO_INDEX_EF", 200)
 
-# Images embedded per ONNX Runtime call when adding to the gallery. Batching gives the
-# encoders' batch-32 throughput instead of their batch-1 latency per image, and 32 images
-# bound the memory one upload holds at once.
+# Images embedded per ONNX Runtime call when adding to the gallery ($MMDEMO_ENCODE_BATCH).
+# The image encoder embeds 3,260 images/s at batch 32 against ~2,100/s one at a time
+# (0.48 ms each), and 32 images bound what one upload holds in memory at once.
 ENCODE_BATCH = _int("MMDEMO_ENCODE_BATCH", 32)
