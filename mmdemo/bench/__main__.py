@@ -164,15 +164,13 @@ def main(argv: list[str] | None = None) -> dict:
                                       progress, args.reference_size)
         save()
     if "models" in s or "reference" in s:
-        tables.append("## Models\n\n" + bm.table(s.get("models", {}), s.get("reference", {}),
-                                                 {}, args.threads).split("\n\nONNX Runtime "
-                                                                         "variants")[0])
+        tables.append("## Models\n\n" + bm.models_table(s.get("models", {}),
+                                                        s.get("reference", {}), args.threads))
     if "variants" in sections:
         s["variants"] = bm.variants(engine, args.out, args.runs, args.threads, args.budget,
                                     args.task_images, progress, s.get("reference"))
         save()
-        tables.append("## Variants\n\n" + bm.table({}, {}, s["variants"], args.threads)
-                      .split("\n\n", 2)[2])
+        tables.append("## Variants\n\n" + bm.variants_table(s["variants"]))
     del engine
     if "index" in sections:
         from mmdemo.bench import index as bi

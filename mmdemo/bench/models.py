@@ -15,7 +15,15 @@ import numpy as np
 import onnxruntime as ort
 
 from mmdemo.bench.common import md_table, summary, timed
-from mmdemo.engine import CPU, CUDA, Engine, cpu_fingerprint, session_options
+from mmdemo.engine import (
+    CPU,
+    CUDA,
+    Engine,
+    cpu_fingerprint,
+    open_session,
+    optimize_for_cpu,
+    session_options,
+)
 from mmdemo.preprocess import preprocess
 
 BATCH = 32  # the throughput batch
@@ -225,7 +233,7 @@ class TaskMetrics:
     attribute F1 for the caption decoder (the oracle grades greedy captions), accuracy for
     the fusion models (where `work` holds the task's labels)."""
 
-    def __init__(self, engine: Engine, work: Path | None, images: int, progress: Progress):
+    def __init__(self, engine: Engine, work: Path | None, images: int):
         from PIL import Image
 
         self.engine = engine
@@ -235,7 +243,7 @@ class TaskMetrics:
         self.x = preprocess(self.raw, engine.spec)
         self.texts = [c for it in items for c in it["captions"]]
         self.owner = np.array([i for i, it in enumerate(items) for _ in it["captions"]])
-        self.work, self._fusion, self._scenes, self.progress = work, None, None, progress
+        self.work, self._fusion, self._scenes = work, None, None
 
     def _encode(self, role: str, sess: ort.InferenceSession) -> np.ndarray:
         if role == "image_encoder":
@@ -299,11 +307,10 @@ def variants(engine: Engine, out_dir: Path, work: Path | None, threads: int, bud
     """For every model: session start and batch-1 latency with the graph optimised as it loads
     (level ALL) and optimised offline (the bundle's <name>.cpu.onnx, opened with nothing left
     to do); batch-1 latency on one thread instead of `threads`; dynamic int8 quantisation
-    with its latency and its cost on the task metric; fp16
-    with IO binding where CUDA loads."""
+    with its latency and its cost on the task metric; fp16 with IO binding where CUDA loads."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tasks = TaskMetrics(engine, work, images, progress)
+    tasks = TaskMetrics(engine, work, images)
     qdir = out_dir / "int8"
     qdir.mkdir(parents=True, exist_ok=True)
     here = cpu_fingerprint()
@@ -325,9 +332,7 @@ def variants(engine: Engine, out_dir: Path, work: Path | None, threads: int, bud
             opt_path, source = out_dir / "optimized" / f"{role}.cpu.onnx", "made by the bench"
             opt_path.parent.mkdir(parents=True, exist_ok=True)
             if not opt_path.is_file():
-                o = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-                o.optimized_model_filepath = str(opt_path)
-                ort.InferenceSession(str(path), sess_options=o, providers=[CPU])
+                optimize_for_cpu(path, opt_path)
         off_ms, s_off = _create_s(lambda p=opt_path: session(
             p, threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL))
         runs = {"online_all": s_on, "offline_all": s_off, "one_thread": session(path, 1)}
@@ -371,28 +376,12 @@ def variants(engine: Engine, out_dir: Path, work: Path | None, threads: int, bud
     return out
 
 
-_cuda: list[bool] = []  # whether a CUDA session loaded, once asked
-
-
-def _cuda_loads(path: Path) -> bool:
-    if not _cuda:
-        ort.set_default_logger_severity(4)
-        try:
-            sess = ort.InferenceSession(str(path), providers=[CUDA, CPU])
-            _cuda.append(CUDA in sess.get_providers())
-        except Exception:
-            _cuda.append(False)
-        finally:
-            ort.set_default_logger_severity(2)
-    return _cuda[0]
-
-
 def fp16_cuda(path: Path, feeds: dict[str, np.ndarray], budget_s: float) -> dict:
     """fp32 and fp16 on the CUDA provider with inputs and outputs bound on the device; skipped
     (with the reason) where CUDA does not load."""
     if CUDA not in ort.get_available_providers():
         return {"skipped": "this onnxruntime has no CUDA provider"}
-    if not _cuda_loads(path):
+    if open_session(path).get_providers()[0] != CUDA:  # tries CUDA once, quietly
         return {"skipped": "the CUDA provider did not load (no usable GPU here)"}
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -419,7 +408,8 @@ def fp16_cuda(path: Path, feeds: dict[str, np.ndarray], budget_s: float) -> dict
 # ------------------------------------------------------------------------------ tables
 
 
-def table(models: dict, refs: dict, var: dict, threads: int) -> str:
+def models_table(models: dict, refs: dict, threads: int) -> str:
+    """Markdown: ORT against PyTorch per network (reference nets first)."""
     rows = []
     for name, r in {**refs, **models}.items():
         o, t = r["ort"], r.get("torch")
@@ -427,23 +417,26 @@ def table(models: dict, refs: dict, var: dict, threads: int) -> str:
                      o["b1"]["p95_ms"], r.get("speedup_b1"),
                      t[f"b{BATCH}"]["items_per_s"] if t else None,
                      o[f"b{BATCH}"]["items_per_s"], r.get(f"speedup_b{BATCH}")])
-    text = (f"ONNX Runtime (CPU, level ALL) against PyTorch eager, {threads} threads each, "
+    return (f"ONNX Runtime (CPU, level ALL) against PyTorch eager, {threads} threads each, "
             "same process, warm-up excluded\n\n"
             + md_table(["model", "PyTorch b1 ms", "ORT b1 ms", "ORT b1 p95 ms",
                         "speed-up b1", f"PyTorch b{BATCH} items/s", f"ORT b{BATCH} items/s",
                         f"speed-up b{BATCH}"], rows))
-    vrows = []
+
+
+def variants_table(var: dict) -> str:
+    """Markdown: the ONNX Runtime variants of every network."""
+    rows = []
     for name, v in var.items():
         q = v.get("int8", {})
-        vrows.append([name, v["online_all"]["create_ms"], v["offline_all"]["create_ms"],
-                      v["online_all"]["b1"]["median_ms"], v["offline_all"]["b1"]["median_ms"],
-                      v["one_thread"]["b1"]["median_ms"],
-                      q.get("b1", {}).get("median_ms"), q.get("metric"), q.get("fp32"),
-                      q.get("value"), {True: "yes", False: "no"}.get(
-                          q.get("use"), q.get("error", "–")[:60])])
-    text += ("\n\nONNX Runtime variants (CPU, batch 1): session start and latency with the graph "
-             "optimised as it loads or offline; dynamic int8 with its cost on the task metric\n\n"
-             + md_table(["model", "start ms (online)", "start ms (offline)", "b1 ms (online)",
-                         "b1 ms (offline)", "b1 ms (1 thread)", "b1 ms (int8)", "task metric",
-                         "fp32", "int8", "int8 used"], vrows))
-    return text
+        rows.append([name, v["online_all"]["create_ms"], v["offline_all"]["create_ms"],
+                     v["online_all"]["b1"]["median_ms"], v["offline_all"]["b1"]["median_ms"],
+                     v["one_thread"]["b1"]["median_ms"],
+                     q.get("b1", {}).get("median_ms"), q.get("metric"), q.get("fp32"),
+                     q.get("value"), {True: "yes", False: "no"}.get(
+                         q.get("use"), q.get("error", "–")[:60])])
+    return ("ONNX Runtime variants (CPU, batch 1): session start and latency with the graph "
+            "optimised as it loads or offline; dynamic int8 with its cost on the task metric\n\n"
+            + md_table(["model", "start ms (online)", "start ms (offline)", "b1 ms (online)",
+                        "b1 ms (offline)", "b1 ms (1 thread)", "b1 ms (int8)", "task metric",
+                        "fp32", "int8", "int8 used"], rows))
