@@ -63,6 +63,125 @@ def test_match_loss_reaches_the_decoder_and_the_prior():
     assert all(p.grad is None for p in model.encoder.parameters())
 
 
+def _world():
+    from training.data.shapes import COLORS, MARGIN, SHAPES, SIZES
+    from training.generator import SlotVocabulary
+
+    return SlotVocabulary(SHAPES, COLORS, SIZES, 64, MARGIN, gap=2.0)
+
+
+def _targets(vocab, objects, claim, slots=3):
+    from mmdemo.oracle import _matches, relation_holds
+    from training.generator import bind_mentions
+
+    bound = bind_mentions(objects, claim, _matches, relation_holds)
+    order = bound + [k for k in range(len(objects)) if k not in bound]
+    return {k: torch.from_numpy(v)[None] for k, v in
+            vocab.targets(objects, claim, order, slots).items()}
+
+
+def _layers(vocab, drawn, slots=3):
+    """Layers (batch of one) that draw `drawn`: (shape, size, color, x, y) per layer, None for
+    an empty one."""
+    sizes = list(vocab.sizes)
+    lay = {"pos": torch.zeros(1, slots, 2), "color": torch.zeros(1, slots, 3),
+           "presence": torch.full((1, slots), -30.0), "sprite": torch.full((1, slots, 10), -30.0)}
+    for k, d in enumerate(drawn):
+        if d is None:
+            continue
+        shape, size, color, x, y = d
+        lay["pos"][0, k] = torch.tensor([x / 32 - 1, y / 32 - 1])
+        lay["color"][0, k] = torch.tensor(vocab.colors[color]) / 255
+        lay["presence"][0, k] = 30.0
+        lay["sprite"][0, k, vocab.shapes.index(shape) * 2 + sizes.index(size)] = 30.0
+    return lay
+
+
+RED = {"shape": "circle", "color": "red", "size": "small", "x": 12.0, "y": 30.0}
+BLUE = {"shape": "square", "color": "blue", "size": "large", "x": 44.0, "y": 30.0}
+
+
+def test_bind_mentions_follows_the_relation():
+    from mmdemo.oracle import _matches, relation_holds
+    from training.generator import bind_mentions
+
+    twins = [dict(RED, x=44.0), dict(RED, shape="square", x=28.0), dict(RED)]  # two red circles
+    claim = {"mentions": [{"shape": "circle", "color": "red"}, {"shape": "square",
+                                                                "color": "red"}],
+             "relation": [0, "left of", 1], "count": None}
+    # the first red circle in object order is right of the square: the other one binds
+    assert bind_mentions(twins, claim, _matches, relation_holds) == [2, 1]
+    claim["relation"] = [0, "above", 1]  # no binding makes it true
+    assert bind_mentions(twins, claim, _matches, relation_holds) is None
+
+
+def test_slot_loss_scores_what_the_layers_draw():
+    """Layers that draw the scene and the claim score (near) zero in any layer order; a
+    wrong color, a broken relation, a size said otherwise, a count exceeded and an overlap each
+    cost; a size the caption leaves open may be either."""
+    from training.generator import SlotLoss
+
+    vocab = _world()
+    loss = SlotLoss(vocab, slot_weight=1.0, claim_weight=1.0, slots=3, sprites=10)
+    claim = {"mentions": [{"shape": "square", "color": "blue"},
+                          {"shape": "circle", "color": "red", "size": "small"}],
+             "relation": [1, "left of", 0], "count": 2}
+    t = _targets(vocab, [RED, BLUE], claim)
+    good = [("circle", "small", "red", 12, 30), None, ("square", "large", "blue", 44, 30)]
+
+    def cost(drawn, term="claim"):
+        lay = _layers(vocab, drawn)
+        return float(loss(lay, t, lay, t)[term])
+
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        drawn = [good[k] for k in order]
+        assert cost(drawn, "slots") < 1e-6 and cost(drawn, "claim") < 1e-6, order
+    assert cost([good[0], None, ("square", "small", "blue", 44, 30)]) < 1e-6  # size left open
+    wrong = {
+        "color": [("circle", "small", "green", 12, 30), None, good[2]],
+        "relation": [("circle", "small", "red", 44, 30), None,
+                     ("square", "large", "blue", 12, 30)],
+        "size said": [("circle", "large", "red", 12, 30), None, good[2]],
+        "count": [good[0], ("star", "small", "white", 30, 56), good[2]],
+        "overlap": [("circle", "small", "red", 36, 30), None, good[2]],
+    }
+    for name, drawn in wrong.items():
+        assert cost(drawn) > 1.0, name
+    assert cost(wrong["color"], "slots") > 1.0 and cost(good[::-1][:2] + [None], "slots") > 1.0
+
+
+def test_slot_terms_train_what_each_should():
+    """The scene term reaches the posterior encoder and the decoder; the claim term the prior
+    and the decoder, not the encoder (generation never runs it); the labelled layers' drawing
+    reaches the sprites."""
+    from training.generator import SlotLoss
+
+    torch.manual_seed(0)
+    vocab = _world()
+    model = build_generator(GeneratorConfig(**{**TINY.__dict__, "sprites": 10})).train()
+    claim = {"mentions": [{"shape": "square", "color": "blue"}], "relation": None,
+             "count": None}
+    t = {k: v.expand(4, *v.shape[1:]) for k, v in _targets(vocab, [RED, BLUE], claim).items()}
+    e = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    loss = SlotLoss(vocab, 1.0, 1.0, slots=3, sprites=10)
+    out = model(torch.rand(4, 3, 64, 64), e)
+    terms = loss(out["layers"], t, model.prior_layers(e, torch.randn(4, 4)), t)
+
+    def reached(term):
+        model.zero_grad()
+        term.backward(retain_graph=True)
+        return {name for name, part in (("encoder", model.encoder), ("prior", model.prior),
+                                        ("decoder", model.decoder))
+                if any(p.grad is not None and p.grad.abs().sum() for p in part.parameters())}
+
+    assert reached(terms["slots"]) == {"encoder", "decoder"}
+    assert reached(terms["claim"]) == {"prior", "decoder"}
+    truth = model.decoder.draw(loss.truth(t, out["layers"]["cond"]))
+    model.zero_grad()
+    truth.sum().backward()
+    assert model.decoder.bank.grad.abs().sum() > 0
+
+
 def test_unknown_layout_is_refused():
     with pytest.raises(ValueError, match="layout 'grid'"):
         build_generator(GeneratorConfig(layout="grid"))
@@ -80,7 +199,7 @@ def tiny_generator(tiny_run, tiny_data, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("generator") / "gen"
     args = ["--run", str(tiny_run), "--data", str(tiny_data), "--out", str(out), *TINY_ARGS]
-    main(args)
+    assert main(args) == out  # the folder it trained in, for the export to read
     first = {"rows": _rows(out / "metrics.csv"),
              "meta": json.loads((out / "checkpoints" / "last" / "meta.json").read_text()),
              "cache_mtime": (out / "text_embeddings.npz").stat().st_mtime_ns}
@@ -94,8 +213,9 @@ def test_train_smoke_and_resume(tiny_generator, tiny_run, tiny_data, capsys):
     out, first = tiny_generator
     assert [r["epoch"] for r in first["rows"]] == ["1"]
     assert first["meta"]["epoch"] == 1 and first["meta"]["step"] == 3  # 48 images / 16
-    assert all(np.isfinite(float(first["rows"][0][k])) for k in
-               ("train_recon", "train_kl", "val_recon", "val_kl"))
+    assert all(np.isfinite(float(first["rows"][0][k])) for k in  # the shapes world is
+               ("train_recon", "train_kl", "train_sprites", "train_slots", "train_claim",
+                "val_recon", "val_kl"))  # labelled: the slot terms train too
     rows = _rows(out / "metrics.csv")
     meta = json.loads((out / "checkpoints" / "last" / "meta.json").read_text())
     assert [r["epoch"] for r in rows] == ["1", "2"] and rows[0] == first["rows"][0]

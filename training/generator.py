@@ -6,6 +6,10 @@ does not name, the background). z comes from a learned prior p(z | e) = N(mu(e),
 written as z = mu(e) + sigma(e) * noise so that generation takes standard normal noise; the
 encoder q(z | image, e) is used for training only.
 
+Where the data says what each scene holds (the shapes world), SlotLoss tells the sprite
+decoder's layers what to draw: from the posterior's z, the scene's objects; from the prior's,
+what the caption claims (its objects, a count, a relation), with no overlap.
+
 Two decoders (GeneratorConfig.layout):
 - "sprites" (the default): K layers, each one of M learned alpha masks (sprites) in one color
   at a position, over a smooth dark background: made for scenes of a few flat objects (the
@@ -13,14 +17,17 @@ Two decoders (GeneratorConfig.layout):
 - "dense": a conv decoder, FiLM-conditioned at every stage, that assumes nothing about the
   pictures (for real photos).
 
-Reads bottom-up: blocks, the decoders, encoder and prior, the model, its losses, the builder.
+Reads bottom-up: blocks, the decoders, encoder and prior, the model, its losses, slot
+supervision, the builder.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -145,14 +152,26 @@ class SpriteDecoder(nn.Module):
         gy, gx = torch.meshgrid(c, c, indexing="ij")
         self.register_buffer("grid", torch.stack([gx, gy], -1), persistent=False)  # (S, S, 2)
 
-    def forward(self, e: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        b, k, s = e.shape[0], self.slots, self.size
+    def layers(self, e: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What each layer draws, before drawing: "pos" (B, K, 2) centres in [-1, 1] (x right,
+        y down), "color" (B, K, 3) in [0, 1], "presence" (B, K) logits, "sprite" (B, K, M)
+        logits, and "cond" (B, cond_dim) for the background."""
+        b, k = e.shape[0], self.slots
         cond = self.cond(torch.cat([e * self.e_scale, z], 1))  # (B, cond_dim)
-        p = self.layer(cond).view(b * k, -1)  # (B*K, 2 + 3 + 1 + M)
-        pos = torch.tanh(p[:, :2]) * self.reach  # (B*K, 2) centre, inside the frame
-        color = torch.sigmoid(p[:, 2:5])[:, :, None, None]  # (B*K, 3, 1, 1)
-        presence = torch.sigmoid(p[:, 5:6])[:, :, None, None]  # (B*K, 1, 1, 1)
-        logits = p[:, 6:]  # (B*K, M)
+        p = self.layer(cond).view(b, k, -1)  # (B, K, 2 + 3 + 1 + M)
+        return {"pos": torch.tanh(p[..., :2]) * self.reach, "color": torch.sigmoid(p[..., 2:5]),
+                "presence": p[..., 5], "sprite": p[..., 6:], "cond": cond}
+
+    def draw(self, lay: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The layers composited over the background: image (B, 3, S, S) in [0, 1]. A layer is
+        drawn at its presence while training and wholly or not at all (presence above one
+        half) otherwise, so a drawn scene holds no faint objects."""
+        b, k, s = lay["pos"].shape[0], self.slots, self.size
+        pos = lay["pos"].reshape(b * k, 2)
+        presence = torch.sigmoid(lay["presence"]).reshape(b * k, 1, 1, 1)
+        if not self.training:
+            presence = (presence > 0.5).float()
+        logits = lay["sprite"].reshape(b * k, -1)  # (B*K, M)
         # one sprite per layer (a mix would blur shapes); while training, gradients reach the
         # choice through the softmax (straight-through)
         weights = (logits == logits.amax(1, keepdim=True)).float()  # (B*K, M) one-hot
@@ -165,12 +184,15 @@ class SpriteDecoder(nn.Module):
         where = (self.grid[None] - pos[:, None, None, :]) / self.extent  # (B*K, S, S, 2)
         alpha = F.grid_sample(masks, where, mode="bilinear", padding_mode="zeros",
                               align_corners=False) * presence  # (B*K, 1, S, S)
-        alpha, color = alpha.view(b, k, 1, s, s), color.view(b, k, 3, 1, 1)
-        bg = torch.sigmoid(self.background(cond)).view(b, 3, 4, 4) * self.background_max
+        alpha, color = alpha.view(b, k, 1, s, s), lay["color"].view(b, k, 3, 1, 1)
+        bg = torch.sigmoid(self.background(lay["cond"])).view(b, 3, 4, 4) * self.background_max
         x = F.interpolate(bg, size=(s, s), mode="bilinear", align_corners=False)
         for i in range(k):
             x = x * (1 - alpha[:, i]) + color[:, i] * alpha[:, i]
         return x  # (B, 3, S, S)
+
+    def forward(self, e: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.draw(self.layers(e, z))
 
 
 # ----------------------------------------------------------------------------- encoder, prior
@@ -259,8 +281,18 @@ class ConditionalVAE(nn.Module):
         mu, logvar = self.encode(image, e)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         prior_mu, prior_logvar = self.prior(e)
-        return {"image": self.decode(e, z), "mu": mu, "logvar": logvar, "prior_mu": prior_mu,
-                "prior_logvar": prior_logvar}
+        out = {"mu": mu, "logvar": logvar, "prior_mu": prior_mu, "prior_logvar": prior_logvar}
+        if isinstance(self.decoder, SpriteDecoder):  # the layers too, for SlotLoss
+            out["layers"] = self.decoder.layers(e, z)
+            out["image"] = self.decoder.draw(out["layers"])
+        else:
+            out["image"] = self.decode(e, z)
+        return out
+
+    def prior_layers(self, e: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The sprite decoder's layers (SpriteDecoder.layers) for z drawn from the prior."""
+        mu, logvar = self.prior(e)
+        return self.decoder.layers(e, mu + (0.5 * logvar).exp() * noise)
 
     @torch.no_grad()
     def sample(self, e: torch.Tensor, temperature: float = 1.0,
@@ -328,6 +360,203 @@ class MatchLoss(nn.Module):
         return {"match": self.weight * F.cross_entropy(logits, target)}
 
 
+# ----------------------------------------------------------------------------- slot supervision
+# Where a data set says what each scene holds (the shapes world's labels and the claims its
+# captions are written from), the sprite decoder's layers are told what to draw. Targets list
+# the objects a caption mentions first, in the order it mentions them, then the scene's others
+# left to right; SlotLoss lets any layer draw any of them, and layers left over draw nothing.
+# A layer's sprite is its object's class, shape and size together: class = shape index *
+# len(sizes) + size index.
+
+# relation -> (axis, sign): the relation holds when sign * (b - a) on that axis, in pixels, is
+# at least the world's margin (a the first object, b the second; y grows downwards)
+RELATION_AXES = {"left of": (0, 1.0), "right of": (0, -1.0), "above": (1, 1.0),
+                 "below": (1, -1.0)}
+
+
+def bind_mentions(objects: list[dict], claim: dict, matches: Callable[[dict, dict], bool],
+                  holds: Callable[[str, dict, dict], bool]) -> list[int] | None:
+    """Indices of the distinct objects a claim's mentions bind to (with its relation holding),
+    the first such binding in object order; None when the scene does not satisfy the claim."""
+    mentions, rel = claim["mentions"], claim.get("relation")
+
+    def assign(used: list[int]) -> list[int] | None:
+        if len(used) == len(mentions):
+            if rel is None or holds(rel[1], objects[used[rel[0]]], objects[used[rel[2]]]):
+                return used
+            return None
+        for k, obj in enumerate(objects):
+            if k not in used and matches(obj, mentions[len(used)]):
+                found = assign(used + [k])
+                if found is not None:
+                    return found
+        return None
+
+    return assign([])
+
+
+@dataclass
+class SlotVocabulary:
+    """How a scene's objects become layer targets: the world's shapes, colors (RGB 0-255),
+    sizes (circumradius in pixels), picture side, and the relation margin and the gap its
+    objects keep (pixels)."""
+
+    shapes: list[str]
+    colors: dict[str, tuple[int, int, int]]
+    sizes: dict[str, float]
+    image_size: int
+    margin: float
+    gap: float
+
+    @property
+    def classes(self) -> int:
+        return len(self.shapes) * len(self.sizes)
+
+    def targets(self, objects: list[dict], claim: dict, order: list[int], slots: int
+                ) -> dict[str, np.ndarray]:
+        """Targets for one (scene, caption): `order` lists the objects, mentioned ones first
+        (bind_mentions). Arrays, per layer: scene_class int64 (K,) (-1: draws nothing),
+        scene_color float32 (K, 3) in [0, 1], scene_pos float32 (K, 2) in [-1, 1];
+        claim_shape, claim_size int64 (K,) (-1: not mentioned / size not said), claim_color
+        (K, 3); and claim_count int64 () (-1: none), rel int64 (3,) (a, b, axis; -1: none),
+        rel_sign float32 ()."""
+        sizes, half = list(self.sizes), self.image_size / 2
+        t = {"scene_class": np.full(slots, -1, np.int64),
+             "scene_color": np.zeros((slots, 3), np.float32),
+             "scene_pos": np.zeros((slots, 2), np.float32),
+             "claim_shape": np.full(slots, -1, np.int64),
+             "claim_size": np.full(slots, -1, np.int64),
+             "claim_color": np.zeros((slots, 3), np.float32),
+             "claim_count": np.array(-1, np.int64), "rel": np.full(3, -1, np.int64),
+             "rel_sign": np.array(0.0, np.float32)}
+        for i, k in enumerate(order[:slots]):
+            o = objects[k]
+            t["scene_class"][i] = self.shapes.index(o["shape"]) * len(sizes) + sizes.index(
+                o["size"])
+            t["scene_color"][i] = np.array(self.colors[o["color"]]) / 255
+            t["scene_pos"][i] = (o["x"] / half - 1, o["y"] / half - 1)
+        for i, m in enumerate(claim["mentions"][:slots]):
+            t["claim_shape"][i] = self.shapes.index(m["shape"])
+            t["claim_size"][i] = sizes.index(m["size"]) if m.get("size") else -1
+            t["claim_color"][i] = np.array(self.colors[m["color"]]) / 255
+        if claim.get("count") is not None:
+            t["claim_count"] = np.array(claim["count"], np.int64)
+        if claim.get("relation"):
+            a, rel, b = claim["relation"]
+            axis, sign = RELATION_AXES[rel]
+            t["rel"], t["rel_sign"] = np.array([a, b, axis]), np.array(sign, np.float32)
+        return t
+
+
+class SlotLoss(nn.Module):
+    """Two terms on the sprite decoder's layers (SpriteDecoder.layers):
+
+    - "slots", on the layers decoded from the posterior's z: the layers draw the scene's
+      objects (cross-entropy on the sprite, presence, squared color error, Huber position
+      error in pixels), one each, the rest nothing;
+    - "claim", on layers decoded from z drawn from the prior p(z | e), as at generation: the
+      mentioned objects are drawn in their classes and colors (a size the caption leaves open
+      may be either), a count draws that many layers, the relation holds by the margin, and no
+      two drawn objects overlap or leave the picture. What is not said stays free.
+
+    Which layer draws which object is not fixed: each term takes, per example, the best of
+    every assignment of objects to layers. A caption's embedding tells "a red circle and a blue
+    square" from "a blue circle and a red square" but hardly from "a blue square and a red
+    circle", so a fixed order would ask the decoder for what the embedding does not hold.
+
+    Targets come from SlotVocabulary.targets, stacked along a batch axis.
+    """
+
+    def __init__(self, vocab: SlotVocabulary, slot_weight: float, claim_weight: float,
+                 slots: int, sprites: int):
+        super().__init__()
+        self.n_sprites = sprites
+        self.vocab, self.slot_weight, self.claim_weight = vocab, slot_weight, claim_weight
+        radius = torch.tensor([r for _ in vocab.shapes for r in vocab.sizes.values()])
+        self.register_buffer("radius", radius, persistent=False)  # (classes,) pixels
+        perms = torch.tensor(list(itertools.permutations(range(slots))))  # (P, K)
+        self.register_buffer("perms", perms, persistent=False)  # layer k draws object perm[k]
+        self.register_buffer("inverse", perms.argsort(1), persistent=False)  # object -> layer
+        self.px = vocab.image_size / 2  # [-1, 1] -> pixels
+
+    def _per_layer(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, K, ...) per object -> (B, P, K, ...) per layer, under every assignment."""
+        return x[:, self.perms]
+
+    def scene(self, lay: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> torch.Tensor:
+        cls = self._per_layer(t["scene_class"])  # (B, P, K)
+        here = cls >= 0
+        b, n_perm, k = cls.shape
+        logits = lay["sprite"][:, None].expand(-1, n_perm, -1, -1)
+        ce = F.cross_entropy(logits.reshape(b * n_perm * k, -1), cls.clamp(min=0).flatten(),
+                             reduction="none").view(b, n_perm, k)
+        presence = F.binary_cross_entropy_with_logits(
+            lay["presence"][:, None].expand(-1, n_perm, -1), here.float(), reduction="none")
+        color = ((lay["color"][:, None] - self._per_layer(t["scene_color"])) ** 2).sum(-1)
+        err = (lay["pos"][:, None] - self._per_layer(t["scene_pos"])) * self.px
+        pos = F.smooth_l1_loss(err, torch.zeros_like(err), reduction="none").sum(-1)
+        per = ((ce + 20 * color + pos) * here + presence).sum(-1)  # (B, P)
+        return per.min(1).values.mean()
+
+    def claim(self, lay: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> torch.Tensor:
+        b, k = lay["pos"].shape[:2]
+        n_perm, n_sizes = len(self.perms), len(self.vocab.sizes)
+        logp = F.log_softmax(lay["sprite"], -1)[..., : self.vocab.classes].reshape(
+            b, k, len(self.vocab.shapes), n_sizes)[:, None].expand(-1, n_perm, -1, -1, -1)
+        shape, size = self._per_layer(t["claim_shape"]), self._per_layer(t["claim_size"])
+        said = shape >= 0  # (B, P, K)
+        per_shape = logp.gather(3, shape.clamp(min=0)[..., None, None].expand(
+            -1, -1, -1, 1, n_sizes)).squeeze(3)  # (B, P, K, sizes)
+        nll = torch.where(size >= 0, -per_shape.gather(3, size.clamp(min=0)[..., None])[..., 0],
+                          -per_shape.logsumexp(-1))
+        color = ((lay["color"][:, None] - self._per_layer(t["claim_color"])) ** 2).sum(-1)
+        per = ((nll + 20 * color) * said).sum(-1)  # (B, P)
+        # presence: mentioned layers draw; where a count says every object is mentioned, the
+        # other layers draw nothing
+        count = t["claim_count"][:, None, None]
+        judged = said | (count == said.sum(-1, keepdim=True))
+        per = per + (F.binary_cross_entropy_with_logits(
+            lay["presence"][:, None].expand(-1, n_perm, -1), said.float(), reduction="none")
+            * judged).sum(-1)
+        pos = lay["pos"] * self.px  # (B, K, 2) pixels from the middle
+        rel = t["rel"]
+        has = (rel[:, 0] >= 0).float()[:, None]  # (B, 1)
+        layer_a = self.inverse[:, rel[:, 0].clamp(min=0)].T  # (B, P): the layer drawing a
+        layer_b = self.inverse[:, rel[:, 1].clamp(min=0)].T
+        along = pos.gather(2, rel[:, 2].clamp(min=0)[:, None, None].expand(-1, k, 1))[..., 0]
+        gap = along.gather(1, layer_b) - along.gather(1, layer_a)  # (B, P) pixels
+        per = per + has * F.relu(self.vocab.margin + 2 - gap * t["rel_sign"][:, None])
+        loss = per.min(1).values.sum()
+        # drawn objects keep apart and inside the picture, at their class's radius
+        r = (F.softmax(lay["sprite"][..., : self.vocab.classes], -1) @ self.radius).detach()
+        on = torch.sigmoid(lay["presence"]).detach()
+        d = (pos[:, :, None] - pos[:, None]).norm(dim=-1)  # (B, K, K)
+        need = r[:, :, None] + r[:, None] + self.vocab.gap
+        pair = torch.triu(torch.ones(k, k, dtype=torch.bool, device=d.device), 1)
+        loss = loss + (on[:, :, None] * on[:, None] * F.relu(need - d))[:, pair].sum()
+        edge = pos.abs() + r[..., None] + 1 - self.px
+        loss = loss + (on[..., None] * F.relu(edge)).sum()
+        return loss / b
+
+    def truth(self, t: dict[str, torch.Tensor], cond: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Layers that draw the scene exactly as labelled (for SpriteDecoder.draw), with the
+        background from `cond`: drawn and compared with the picture, they teach the sprites
+        their outlines from the first step, before the decoder knows where things are."""
+        cls = t["scene_class"]
+        sprite = torch.full((*cls.shape, self.n_sprites), -30.0)
+        sprite.scatter_(2, cls.clamp(min=0)[..., None], 30.0)
+        return {"pos": t["scene_pos"], "color": t["scene_color"],
+                "presence": torch.where(cls >= 0, 30.0, -30.0), "sprite": sprite, "cond": cond}
+
+    def forward(self, posterior: dict[str, torch.Tensor], t: dict[str, torch.Tensor],
+                prior: dict[str, torch.Tensor], claims: dict[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+        """posterior: layers of a batch of scenes with targets t; prior: layers drawn from the
+        prior for a batch of captions (not drawn, so it can be larger) with targets `claims`."""
+        return {"slots": self.slot_weight * self.scene(posterior, t),
+                "claim": self.claim_weight * self.claim(prior, claims)}
+
+
 # ----------------------------------------------------------------------------- builder
 
 
@@ -341,7 +570,8 @@ class GeneratorConfig:
     cond_dim: int = 256  # width of the condition vector [e, z] -> decoder
     layout: str = "sprites"  # decoder: sprites (learned masks placed and colored) | dense
     slots: int = 3  # sprites: layers (the most objects a scene holds)
-    sprites: int = 16  # sprites: learned alpha masks to pick from
+    sprites: int = 10  # sprites: learned alpha masks to pick from (the shapes world: one per
+    # shape and size, which SlotLoss assigns)
     sprite_size: int = 32  # sprites: a mask's side in pixels
     background_max: float = 0.4  # sprites: the background stays darker than this (the shapes
     # world draws it at 100/255 at most)
