@@ -228,6 +228,11 @@ def test_train_smoke_and_resume(tiny_generator, tiny_run, tiny_data, capsys):
     assert "already trained for 2 epochs" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # other settings under the same folder: refused
         main([*args, "--epochs", "3", "--kl-weight", "0.1"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # fewer sprites than kinds of object: refused, said why
+        main(["--run", str(tiny_run), "--data", str(tiny_data), "--out",
+              str(out.parent / "few"), *TINY_ARGS, "--sprites", "4"])
+    assert "--sprites 4: the data has 10 classes" in capsys.readouterr().err
 
 
 def test_resume_draws_what_an_uninterrupted_run_draws(tiny_generator, tiny_run, tiny_data,

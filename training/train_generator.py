@@ -298,6 +298,9 @@ def train_generator(cfg: GeneratorTrainConfig, gcfg: GeneratorConfig) -> Path:
     slot_fn, targets = None, None
     if gcfg.layout == "sprites" and (cfg.slot_weight > 0 or cfg.claim_weight > 0):
         found = slot_targets(train_set, gcfg.slots, gcfg.image_size)
+        if found is None and train_set.objects:
+            print(f"a scene holds more objects than the decoder's {gcfg.slots} layers "
+                  "(--slots): training without the slot terms", flush=True)
         if found is not None:
             vocab, targets = found
             if gcfg.sprites < vocab.classes:
