@@ -146,8 +146,14 @@ def test_index_serving_start_and_outputs(bench, tiny_bundle):
             assert fig["p95_ms"] >= fig[p50] > 0, (name, r)
         assert g2["throughput_per_s"] > 0
         assert r["gradio_overhead_ms"] == pytest.approx(g1["p50_ms"] - eng["median_ms"])
+    # Gradio's own floor: an endpoint that returns its text, through the client and HTTP
+    floor = s["serving"]["floor"]
+    assert floor["gradio"]["calls"] == floor["http"]["calls"] == 3
+    for fig in (floor["gradio"], floor["http"]):
+        assert fig["p95_ms"] >= fig["p50_ms"] > 0
     # the bench stops the servers it starts
     assert not _servers_of(tiny_bundle.resolve()) and _port_free(s["serving"]["port"])
+    assert _port_free(floor["port"])
     start = s["start"]
     for k in ("app_start_s", "python_s", "import_gradio_s", "engine_load_s"):
         assert start[k] > 0, (k, start)
@@ -158,6 +164,7 @@ def test_index_serving_start_and_outputs(bench, tiny_bundle):
     text = (out / "bench.md").read_text()
     for heading in ("## Models", "## Variants", "## Index", "## Serving", "## Targets"):
         assert heading in text and heading in stdout
+    assert "(floor: returns its text)" in text
     assert (out / "models.png").stat().st_size > 1000 and (out / "index.png").stat().st_size > 1000
 
 

@@ -188,6 +188,7 @@ def test_adding_images_while_searches_run(tiny_bundle, tmp_path):
     stop = threading.Event()
     errors: list[str] = []
     counts = {"searches": 0}
+    removed: set[int] = set()  # filled before the removal starts
 
     def searcher(kind: int):
         while not stop.is_set():
@@ -198,9 +199,12 @@ def test_adding_images_while_searches_run(tiny_bundle, tmp_path):
                     hits = e.search_by_image(query, 20)
                 else:
                     hits = e.search_captions(query, 20)
-                assert len(hits) >= 19  # ids removed mid-search may drop, never appear unknown
+                # ids removed mid-search may drop (5 are removed at once) or come back as the
+                # removal runs; an id the gallery never held never appears
+                assert len(hits) >= 20 - 5, len(hits)
                 for h in hits:
-                    assert getattr(h, "image_id", getattr(h, "id", None)) in e.gallery
+                    item = getattr(h, "image_id", getattr(h, "id", None))
+                    assert item in e.gallery or item in removed, item
                 counts["searches"] += 1
             except Exception as err:  # noqa: BLE001 (collected and reported below)
                 errors.append(f"{type(err).__name__}: {err}")
@@ -212,6 +216,7 @@ def test_adding_images_while_searches_run(tiny_bundle, tmp_path):
     added = []
     for start in range(0, len(photos), 10):
         added += e.add_images(photos[start:start + 10]).ids
+    removed.update(added[:5])
     e.remove_images(added[:5])
     stop.set()
     for t in threads:

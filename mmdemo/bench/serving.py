@@ -69,21 +69,17 @@ def stop_app(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def start_app(bundle: Path, port: int, log: Path, env_extra: dict[str, str] | None = None
-              ) -> tuple[subprocess.Popen, float]:
-    """`python app.py --bundle BUNDLE --port PORT` from the repository root, output in `log`.
-
-    Returns the process and the seconds from Popen to the first HTTP 200 on
-    http://127.0.0.1:PORT/ (asked every POLL_S). A process that exits first, or no page within
-    START_TIMEOUT_S, is a RuntimeError with the log's tail (and the process is stopped).
-    """
+def _start(argv: list[str], what: str, port: int, log: Path,
+           env_extra: dict[str, str] | None = None) -> tuple[subprocess.Popen, float]:
+    """Run argv from the repository root, output in `log`, until http://127.0.0.1:PORT/
+    answers: the process and the seconds from Popen to the first HTTP 200 (asked every
+    POLL_S). A process that exits first, or no page within START_TIMEOUT_S, is a RuntimeError
+    with the log's tail (and the process is stopped)."""
     url = f"http://127.0.0.1:{port}/"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "app.py", "--bundle", str(bundle),
-                                 "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=ROOT, env=_env(env_extra), stdout=out,
+        proc = subprocess.Popen(argv, cwd=ROOT, env=_env(env_extra), stdout=out,
                                 stderr=subprocess.STDOUT)
     try:
         while True:
@@ -94,15 +90,35 @@ def start_app(bundle: Path, port: int, log: Path, env_extra: dict[str, str] | No
             except OSError:
                 pass
             if proc.poll() is not None:
-                raise RuntimeError(f"app.py exited with {proc.returncode} before {url} answered; "
-                                   f"log {log}:\n{_tail(log)}")
+                raise RuntimeError(f"{what} exited with {proc.returncode} before {url} "
+                                   f"answered; log {log}:\n{_tail(log)}")
             if time.perf_counter() - t0 > START_TIMEOUT_S:
-                raise RuntimeError(f"app.py did not answer {url} within {START_TIMEOUT_S:.0f} s; "
-                                   f"log {log}:\n{_tail(log)}")
+                raise RuntimeError(f"{what} did not answer {url} within {START_TIMEOUT_S:.0f} "
+                                   f"s; log {log}:\n{_tail(log)}")
             time.sleep(POLL_S)
     except BaseException:
         stop_app(proc)
         raise
+
+
+def start_app(bundle: Path, port: int, log: Path, env_extra: dict[str, str] | None = None
+              ) -> tuple[subprocess.Popen, float]:
+    """`python app.py --bundle BUNDLE --port PORT` on 127.0.0.1, as `_start` runs it: the
+    process and its seconds to the first page."""
+    return _start([sys.executable, "app.py", "--bundle", str(bundle), "--host", "127.0.0.1",
+                   "--port", str(port)], "app.py", port, log, env_extra)
+
+
+# A Gradio app with one endpoint that returns its text, queued as the app's are: what any
+# endpoint costs through Gradio before it does any work (argv[1]: the port).
+FLOOR_APP = """\
+import sys
+import gradio as gr
+with gr.Blocks() as demo:
+    text, out = gr.Textbox(), gr.Textbox()
+    text.submit(lambda t: t, text, out, api_name="echo")
+demo.queue().launch(server_name="127.0.0.1", server_port=int(sys.argv[1]), quiet=True)
+"""
 
 
 # ----------------------------------------------------------------------------- cold start
@@ -346,7 +362,9 @@ def endpoints(bundle: Path, calls: int = 20, clients: tuple[int, ...] = (1, 8),
     results are not fetched; uploads are sent on every call, as a browser would). For each
     count n in `clients`: n threads, each with its own Client, each making `calls` calls
     after 2 warm-up calls on one client; p50/p95 over all calls and, for n > 1, calls/s.
-    `gradio_overhead_ms` = Gradio's 1-client p50 - the Engine's median.
+    `gradio_overhead_ms` = Gradio's 1-client p50 - the Engine's median. "floor": the same
+    1-client figures, through gradio_client and the HTTP API, for a Gradio app (FLOOR_APP)
+    whose one endpoint returns its text: what Gradio costs before any work.
 
     After `timeout_s` no further call is issued; `stopped_early` then says where it stopped,
     and figures cover the calls made. The app is stopped whatever happens.
@@ -399,6 +417,25 @@ def endpoints(bundle: Path, calls: int = 20, clients: tuple[int, ...] = (1, 8),
                           progress)
         finally:
             stop_app(proc)
+    result["floor"] = None
+    if not late("the floor app's start"):
+        from gradio_client import Client
+
+        port = free_port()
+        proc, _ = _start([sys.executable, "-c", FLOOR_APP, str(port)], "the floor app", port,
+                         log_dir / "floor.log")
+        try:
+            url = f"http://127.0.0.1:{port}/"
+            progress(f"floor: an endpoint that returns its text, 1 client x {calls} calls")
+            client = Client(url, verbose=False, download_files=False)
+            for _ in range(2):
+                client.predict("hi", api_name="/echo")
+            result["floor"] = {"gradio": _gradio_run([client], calls, ("hi",), "/echo",
+                                                     functools.partial(late, "floor")),
+                               "http": _http_run(url, "echo", ("hi",), calls),
+                               "port": port}
+        finally:
+            stop_app(proc)
     for r in result["endpoints"].values():
         one, eng = r["gradio"].get("1"), r["engine"]
         if one and eng:
@@ -439,6 +476,12 @@ def table(cold: dict | None, ends: dict | None) -> str:
                 f = g.get(n) or {}
                 row += [f.get("p50_ms"), f.get("p95_ms"), f.get("throughput_per_s")]
             rows.append(row)
+        floor = ends.get("floor")
+        if floor:
+            f = floor.get("gradio") or {}
+            rows.append(["(floor: returns its text)", None, None, f.get("p50_ms"),
+                         f.get("p95_ms"), None, (floor.get("http") or {}).get("p50_ms")]
+                        + [None] * (3 * len(many)))
         args = "\n".join(f"- {name}: {r['args']}" for name, r in ends["endpoints"].items())
         note = f"\n\nStopped early: {ends['stopped_early']}" if ends.get("stopped_early") else ""
         parts.append(f"Endpoints, {ends['calls']} calls per client after 2 warm-up calls; "
