@@ -182,8 +182,9 @@ def train_captioner(cfg: CaptionerConfig) -> Path:
         free = {"resume", "epochs", "out", "threads"}  # may change between runs
         if ({k: v for k, v in saved["captioner_config"].items() if k not in free}
                 != {k: v for k, v in asdict(cfg).items() if k not in free}):
-            raise ValueError(f"{ckpt} was trained with other settings; use a new --out or "
-                             "--no-resume")
+            raise ValueError(f"{ckpt} was trained with other settings (an older version's, "
+                             f"or other options); use a new --out, --no-resume, or remove "
+                             f"{out}")
         load_checkpoint(ckpt, model, opt)
         start, step, metrics = saved["epoch"], saved["step"], saved["metrics"]
     if start >= cfg.epochs:

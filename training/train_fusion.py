@@ -251,8 +251,9 @@ def train_method(method: str, cfg: FusionConfig, spine, meta: dict, train_set: T
         free = {"resume", "epochs", "out", "methods", "threads"}  # may change between runs
         if ({k: v for k, v in saved["fusion_config"].items() if k not in free}
                 != {k: v for k, v in asdict(cfg).items() if k not in free}):
-            raise ValueError(f"{ckpt} was trained with other settings; use a new --out or "
-                             "--no-resume")
+            raise ValueError(f"{ckpt} was trained with other settings (an older version's, "
+                             f"or other options); use a new --out, --no-resume, or remove "
+                             f"{out}")
         start, step, metrics = saved["epoch"], saved["step"], saved["metrics"]
     if start >= cfg.epochs:
         print(f"{method}: already trained for {start} epochs")

@@ -278,8 +278,9 @@ def train_generator(cfg: GeneratorTrainConfig, gcfg: GeneratorConfig) -> Path:
         if (saved["generator_config"] != asdict(gcfg)
                 or {k: v for k, v in saved["train_config"].items() if k not in free}
                 != {k: v for k, v in asdict(cfg).items() if k not in free}):
-            raise ValueError(f"{ckpt} was trained with other settings; use a new --out or "
-                             "--no-resume")
+            raise ValueError(f"{ckpt} was trained with other settings (an older version's, "
+                             f"or other options); use a new --out, --no-resume, or remove "
+                             f"{out}")
         start, step, metrics = saved["epoch"], saved["step"], saved["metrics"]
         print(f"resuming {out} from epoch {start} (step {step})")
     if start >= cfg.epochs:
