@@ -80,6 +80,29 @@ def _matches(obj: dict, mention: dict) -> bool:
     return all(obj[k] == v for k, v in mention.items() if k in ("shape", "color", "size"))
 
 
+def bind(objects: list[dict], claim: dict) -> list[int] | None:
+    """Indices of the distinct objects a claim's mentions bind to, with its relation holding
+    between the objects bound to mentions i and j: the first such binding in object order;
+    None when there is none. The count is not looked at."""
+    mentions = claim["mentions"]
+    rel = claim.get("relation")
+
+    def assign(used: list[int]) -> list[int] | None:
+        if len(used) == len(mentions):
+            if rel is None:
+                return used
+            a, r, b = rel
+            return used if relation_holds(r, objects[used[a]], objects[used[b]]) else None
+        for k, obj in enumerate(objects):
+            if k not in used and _matches(obj, mentions[len(used)]):
+                found = assign(used + [k])
+                if found is not None:
+                    return found
+        return None
+
+    return assign([])
+
+
 def satisfies(objects: list[dict], claim: dict) -> bool:
     """The oracle: does a scene (list of object dicts) satisfy every statement of a claim?
 
@@ -89,22 +112,7 @@ def satisfies(objects: list[dict], claim: dict) -> bool:
     """
     if claim.get("count") is not None and claim["count"] != len(objects):
         return False
-    mentions = claim["mentions"]
-    rel = claim.get("relation")
-
-    def assign(i: int, used: list[int]) -> bool:
-        if i == len(mentions):
-            if rel is None:
-                return True
-            a, r, b = rel
-            return relation_holds(r, objects[used[a]], objects[used[b]])
-        for k, obj in enumerate(objects):
-            if k not in used and _matches(obj, mentions[i]):
-                if assign(i + 1, used + [k]):
-                    return True
-        return False
-
-    return assign(0, [])
+    return bind(objects, claim) is not None
 
 
 # ----------------------------------------------------------------------------- reading pictures

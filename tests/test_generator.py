@@ -71,10 +71,9 @@ def _world():
 
 
 def _targets(vocab, objects, claim, slots=3):
-    from mmdemo.oracle import _matches, relation_holds
-    from training.generator import bind_mentions
+    from mmdemo.oracle import bind
 
-    bound = bind_mentions(objects, claim, _matches, relation_holds)
+    bound = bind(objects, claim)
     order = bound + [k for k in range(len(objects)) if k not in bound]
     return {k: torch.from_numpy(v)[None] for k, v in
             vocab.targets(objects, claim, order, slots).items()}
@@ -101,18 +100,17 @@ RED = {"shape": "circle", "color": "red", "size": "small", "x": 12.0, "y": 30.0}
 BLUE = {"shape": "square", "color": "blue", "size": "large", "x": 44.0, "y": 30.0}
 
 
-def test_bind_mentions_follows_the_relation():
-    from mmdemo.oracle import _matches, relation_holds
-    from training.generator import bind_mentions
+def test_bind_follows_the_relation():
+    from mmdemo.oracle import bind
 
     twins = [dict(RED, x=44.0), dict(RED, shape="square", x=28.0), dict(RED)]  # two red circles
     claim = {"mentions": [{"shape": "circle", "color": "red"}, {"shape": "square",
                                                                 "color": "red"}],
              "relation": [0, "left of", 1], "count": None}
     # the first red circle in object order is right of the square: the other one binds
-    assert bind_mentions(twins, claim, _matches, relation_holds) == [2, 1]
+    assert bind(twins, claim) == [2, 1]
     claim["relation"] = [0, "above", 1]  # no binding makes it true
-    assert bind_mentions(twins, claim, _matches, relation_holds) is None
+    assert bind(twins, claim) is None
 
 
 def test_slot_loss_scores_what_the_layers_draw():

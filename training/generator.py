@@ -323,10 +323,14 @@ class VAELoss(nn.Module):
         self.kl_weight, self.free_bits = kl_weight, free_bits
         self.object_weight, self.object_threshold = object_weight, object_threshold
 
+    def reconstruction(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The "recon" term alone: object-weighted squared error, summed per image, mean."""
+        w = 1 + self.object_weight * object_mask(target, self.object_threshold)
+        return (w * (image - target) ** 2).sum((1, 2, 3)).mean()
+
     def forward(self, out: dict[str, torch.Tensor], target: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
-        w = 1 + self.object_weight * object_mask(target, self.object_threshold)
-        recon = (w * (out["image"] - target) ** 2).sum((1, 2, 3)).mean()
+        recon = self.reconstruction(out["image"], target)
         mu, logvar, pmu, plv = out["mu"], out["logvar"], out["prior_mu"], out["prior_logvar"]
         kl = 0.5 * (plv - logvar + (logvar.exp() + (mu - pmu) ** 2) / plv.exp() - 1).mean(0)
         return {"recon": recon, "kl": self.kl_weight * kl.clamp(min=self.free_bits).sum()}
@@ -374,27 +378,6 @@ RELATION_AXES = {"left of": (0, 1.0), "right of": (0, -1.0), "above": (1, 1.0),
                  "below": (1, -1.0)}
 
 
-def bind_mentions(objects: list[dict], claim: dict, matches: Callable[[dict, dict], bool],
-                  holds: Callable[[str, dict, dict], bool]) -> list[int] | None:
-    """Indices of the distinct objects a claim's mentions bind to (with its relation holding),
-    the first such binding in object order; None when the scene does not satisfy the claim."""
-    mentions, rel = claim["mentions"], claim.get("relation")
-
-    def assign(used: list[int]) -> list[int] | None:
-        if len(used) == len(mentions):
-            if rel is None or holds(rel[1], objects[used[rel[0]]], objects[used[rel[2]]]):
-                return used
-            return None
-        for k, obj in enumerate(objects):
-            if k not in used and matches(obj, mentions[len(used)]):
-                found = assign(used + [k])
-                if found is not None:
-                    return found
-        return None
-
-    return assign([])
-
-
 @dataclass
 class SlotVocabulary:
     """How a scene's objects become layer targets: the world's shapes, colors (RGB 0-255),
@@ -415,7 +398,7 @@ class SlotVocabulary:
     def targets(self, objects: list[dict], claim: dict, order: list[int], slots: int
                 ) -> dict[str, np.ndarray]:
         """Targets for one (scene, caption): `order` lists the objects, mentioned ones first
-        (bind_mentions). Arrays, per layer: scene_class int64 (K,) (-1: draws nothing),
+        (mmdemo.oracle.bind). Arrays, per layer: scene_class int64 (K,) (-1: draws nothing),
         scene_color float32 (K, 3) in [0, 1], scene_pos float32 (K, 2) in [-1, 1];
         claim_shape, claim_size int64 (K,) (-1: not mentioned / size not said), claim_color
         (K, 3); and claim_count int64 () (-1: none), rel int64 (3,) (a, b, axis; -1: none),

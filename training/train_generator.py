@@ -48,7 +48,6 @@ from training.generator import (
     SlotLoss,
     SlotVocabulary,
     VAELoss,
-    bind_mentions,
     build_generator,
 )
 from training.train import (
@@ -168,7 +167,8 @@ def slot_targets(data: CaptionSet, slots: int, image_size: int
     leading axes (image, caption), as SlotVocabulary.targets gives them per pair; None where
     the split does not say what its scenes hold (MS-COCO) or a scene has more objects than
     the decoder has layers."""
-    from training.data.shapes import COLORS, MARGIN, SHAPES, SIZES, _matches, relation_holds
+    from mmdemo.oracle import bind
+    from training.data.shapes import COLORS, MARGIN, SHAPES, SIZES
 
     if not data.objects or any(c is None for caps in data.captions for _, _, c in caps):
         return None
@@ -180,7 +180,7 @@ def slot_targets(data: CaptionSet, slots: int, image_size: int
     for objs, caps in zip(data.objects, data.captions):
         per = []
         for _, text, claim in caps:
-            bound = bind_mentions(objs, claim, _matches, relation_holds)
+            bound = bind(objs, claim)
             if bound is None:
                 raise ValueError(f"the caption {text!r} is not true of its scene")
             rest = sorted((k for k in range(len(objs)) if k not in bound),
@@ -311,6 +311,7 @@ def train_generator(cfg: GeneratorTrainConfig, gcfg: GeneratorConfig) -> Path:
                                gcfg.sprites)
             pairs = np.array([(i, j) for i, caps in enumerate(train_caps)
                               for j in range(len(caps))])  # every (image, caption)
+            pair_rows = np.concatenate(train_caps)  # each pair's caption embedding row
     val_images = load_uint8(val_set.paths(), gcfg.image_size, "val images")
 
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
@@ -338,12 +339,12 @@ def train_generator(cfg: GeneratorTrainConfig, gcfg: GeneratorConfig) -> Path:
             if slot_fn is not None:
                 t = {k: torch.from_numpy(v[rows, which]) for k, v in targets.items()}
                 truth = model.decoder.draw(slot_fn.truth(t, rec["layers"]["cond"]))
-                terms["sprites"] = loss_fn({**rec, "image": truth}, x)["recon"]
+                terms["sprites"] = loss_fn.reconstruction(truth, x)
                 # the claim term draws nothing, so it takes many more captions than images
-                pick = pairs[torch.randint(len(pairs), (cfg.claim_batch,), generator=g).numpy()]
-                i, j = pick[:, 0], pick[:, 1]
+                pick = torch.randint(len(pairs), (cfg.claim_batch,), generator=g).numpy()
+                i, j = pairs[pick, 0], pairs[pick, 1]
                 claims = {k: torch.from_numpy(v[i, j]) for k, v in targets.items()}
-                ce = emb[[int(train_caps[a][b]) for a, b in zip(i, j)]]
+                ce = emb[pair_rows[pick]]
                 prior = model.prior_layers(ce, torch.randn(len(ce), gcfg.latent_dim))
                 terms.update(slot_fn(rec["layers"], t, prior, claims))
             if match_fn is not None:
