@@ -51,6 +51,10 @@ _engine_lock = threading.Lock()
 _read_only = os.environ.get("MMDEMO_READ_ONLY", "1" if os.environ.get("SPACE_ID") else "0") \
     not in ("", "0")
 MAX_UPLOAD = "20mb"  # Gradio refuses larger uploads before any handler runs
+# shared: a public link or a Space, where visitors remove only the images they added
+_shared = bool(os.environ.get("SPACE_ID"))
+_owned: dict[str, set[int]] = {}  # session -> the gallery ids it added
+_owned_lock = threading.Lock()
 
 
 def load_engine() -> Engine:
@@ -230,8 +234,13 @@ def classify(image, text: str, method: str = "cross_attention", a: float = 0.5):
             _overlay(img, fused, position), note)
 
 
+def _session(request: gr.Request | None) -> str:
+    """Who is asking: Gradio's id for one page (or one gradio_client Client)."""
+    return getattr(request, "session_hash", None) or "local"
+
+
 @_friendly
-def add_images(files, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
+def add_images(files, request: gr.Request = None, progress=gr.Progress()):  # noqa: B008
     """Uploaded images (and zips of them) -> added to the gallery and both indexes, searchable
     at once and saved in the bundle. A .txt uploaded with an image of the same name holds its
     captions, one a line. Returns the added images and a report."""
@@ -240,15 +249,20 @@ def add_images(files, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
     if not files:
         raise gr.Error("Choose image files (or a zip of them) first.")
     paths = [Path(f) for f in files]
-    sidecars = {p.stem: store.caption_lines(p.read_text(encoding="utf-8", errors="replace"))
-                for p in paths if p.suffix.lower() == ".txt"}
+    sidecars: dict[str, Path] = {p.stem: p for p in paths if p.suffix.lower() == ".txt"}
     uploads, skipped = store.collect([p for p in paths if p.suffix.lower() != ".txt"])
-    for up in uploads:
-        up.captions = up.captions or sidecars.get(Path(up.filename).stem, [])
+    for up in uploads:  # an uploaded .txt gives captions to the uploaded image of its name only
+        side = sidecars.get(Path(up.name).stem) if ":" not in up.name else None
+        if side is not None and not up.captions and up.caption_reader is None:
+            up.caption_reader = lambda side=side: store.read_caption_path(side)
     e = load_engine()
     progress((0, len(uploads)), desc="indexing", unit="images")
     added = store.add(e, uploads, lambda done, total: progress((done, total), desc="indexing",
-                                                               unit="images"))
+                                                               unit="images"),
+                      limits=store.Limits(settings.REQUEST_IMAGES,
+                                          settings.REQUEST_MEGAPIXELS * 1_000_000))
+    with _owned_lock:
+        _owned.setdefault(_session(request), set()).update(added.ids)
     skipped += added.skipped
     for name, why in skipped[:5]:
         gr.Warning(f"Skipped {name}: {why}")
@@ -262,16 +276,17 @@ def add_images(files, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
 
 
 @_friendly
-def remove_images(ids_text: str):
-    """Comma- or space-separated gallery ids -> taken out of the gallery and indexes."""
+def remove_images(ids_text: str, request: gr.Request = None):
+    """Comma- or space-separated gallery ids -> taken out of the gallery and indexes. Only
+    images users added; on a shared app, only those this visitor's session added."""
     if _read_only:
         raise gr.Error("This app is read-only: it was started with --read-only.")
-    words = str(ids_text or "").replace(",", " ").split()
-    if not words or not all(w.isdigit() for w in words):
-        raise gr.Error("Type the ids to remove, e.g. '1001, 1002' (shown under each image).")
+    ids = store.parse_ids(ids_text)
     e = load_engine()
-    e.remove_images([int(w) for w in words])
-    return f"Removed {len(words)} item(s); the gallery now holds {len(e.gallery)}."
+    with _owned_lock:
+        owned = set(_owned.get(_session(request), ())) if _shared else None
+    e.remove_images(ids, owned=owned)
+    return f"Removed {len(ids)} item(s); the gallery now holds {len(e.gallery)}."
 
 
 DECODING = [("beam search", "beam"), ("greedy", "greedy"), ("nucleus sampling", "nucleus")]
@@ -596,9 +611,12 @@ def build_demo() -> gr.Blocks:
               [d_text, d_n, d_seed, d_rand, d_temp], [d_out, d_near, d_table, d_note, d_seed],
               api_name="generate_image")
         if not _read_only:
-            u_btn.click(add_images, [u_files], [u_out, u_note], api_name="add_images")
+            # one writer at a time: they take turns on the bundle's lock anyway, and waiting
+            # in the queue holds no worker thread that searches could use
+            u_btn.click(add_images, [u_files], [u_out, u_note], api_name="add_images",
+                        concurrency_limit=1)
             gr.on([u_rm.click, u_ids.submit], remove_images, [u_ids], [u_rm_note],
-                  api_name="remove_images")
+                  api_name="remove_images", concurrency_limit=1)
         demo.load(about, None, [a_md, a_img], api_name="about")
     return demo
 
@@ -647,7 +665,7 @@ def share_warning(auth, read_only: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    global _bundle_path, _engine, _read_only, demo
+    global _bundle_path, _engine, _read_only, _shared, demo
     p = argparse.ArgumentParser(prog="python app.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", default=None, metavar="PATH|hf://OWNER/NAME[@REV]",
@@ -682,6 +700,7 @@ def main(argv: list[str] | None = None) -> None:
         print(share_warning(auth, args.read_only), file=sys.stderr, flush=True)
     ensure_bundle(args.bundle, args.rebuild, args.preset)
     _bundle_path, _engine, _read_only = args.bundle, None, args.read_only
+    _shared = _shared or args.share
     demo = build_demo()  # again: the tab's choices and examples come from this bundle
     try:
         engine = load_engine()

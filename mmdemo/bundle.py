@@ -31,6 +31,11 @@ MANIFEST = "manifest.json"
 THUMBNAIL = 256  # longest side of a gallery thumbnail (export and mmdemo.store write them)
 
 
+# Files of the gallery and its indexes (gallery*.json, gallery/*, index_*): the part of a bundle
+# that adding and removing images rewrites, and `python -m mmdemo.index repair` restores.
+STORE_PREFIXES = ("gallery", "index_")
+
+
 class BundleError(RuntimeError):
     """A bundle is missing, from another format version, or does not match its hashes."""
 
@@ -56,8 +61,12 @@ def write_manifest(root: Path, manifest: dict) -> dict:
     return manifest
 
 
-def read_manifest(root: Path | str, verify: bool = True) -> dict:
-    """The manifest of a bundle, after checking its format version and (by default) every hash."""
+def read_manifest(root: Path | str, verify: bool = True, known: dict | None = None,
+                  store: bool = True) -> dict:
+    """The manifest of a bundle, after checking its format version and (by default) every hash.
+
+    `known`: the files of a manifest checked before; entries with the same hash are not read
+    again. `store=False` leaves out the gallery and index files (for a repair)."""
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
@@ -74,6 +83,9 @@ def read_manifest(root: Path | str, verify: bool = True) -> dict:
                           f"version {FORMAT_VERSION}. Re-export it with `python -m export`.")
     if verify:
         for rel, want in manifest.get("files", {}).items():
+            if (known and known.get(rel) == want) or (not store and
+                                                       rel.startswith(STORE_PREFIXES)):
+                continue
             p = root / rel
             if not p.is_file():
                 raise BundleError(f"{root}: {rel} is listed in the manifest but missing")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import platform
 import threading
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from mmdemo import settings, store
-from mmdemo.bundle import BundleError, read_manifest
+from mmdemo.bundle import MANIFEST, BundleError, read_manifest
 from mmdemo.index import VectorIndex
 from mmdemo.preprocess import PreprocessSpec, preprocess, to_pil
 from mmdemo.text import TextTokenizer, clean_text
@@ -104,7 +106,8 @@ def open_session(path: Path, providers: list[str] | None = None,
 
 def _load_store(root: Path, manifest: dict
                 ) -> tuple[dict[str, VectorIndex], dict[int, dict], dict[int, tuple[str, int]]]:
-    """The indexes, the gallery by id and the captions by id, checked against each other."""
+    """The indexes, the gallery by id and the captions by id, checked against each other: each
+    index holds exactly the ids of the gallery's images (or captions)."""
     files = manifest["files"]
     indexes = {}
     for name, info in manifest["indexes"].items():
@@ -115,10 +118,25 @@ def _load_store(root: Path, manifest: dict
     captions = {int(cid): (text, int(it["id"])) for it in gal["items"]
                 for cid, text in zip(it["caption_ids"], it["captions"])}
     for name, idx in indexes.items():
-        want = len(gallery) if name == "images" else len(captions)
-        if len(idx) != want:
-            raise BundleError(f"index {name} holds {len(idx)} items; the gallery has {want}")
+        want = set(gallery) if name == "images" else set(captions)
+        have = idx.live_ids()
+        if have != want:
+            what = "images" if name == "images" else "captions"
+            raise BundleError(
+                f"{root}: index {name} holds {len(have)} items and the gallery {len(want)} "
+                f"{what} ({len(want - have)} not indexed, {len(have - want)} not in the "
+                f"gallery); the bundle's parts disagree. Restore it with `python -m "
+                f"mmdemo.index repair --bundle {root}`")
     return indexes, gallery, captions
+
+
+def _stamp(root: Path) -> tuple[int, int, int] | None:
+    """What changes whenever a writer publishes a new manifest (it is replaced by rename)."""
+    try:
+        st = os.stat(root / MANIFEST)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _check_k(k) -> int:
@@ -185,16 +203,24 @@ class Engine:
         self.root, self.manifest, self.sessions = root, manifest, sessions
         self.tokenizer, self.spec, self.indexes = tokenizer, spec, indexes
         self.gallery, self.captions = gallery, captions
-        self._write_lock = threading.RLock()  # adding or removing images (mmdemo.store)
+        self.write_lock = threading.RLock()  # adding or removing images (mmdemo.store)
         self.notes: list[str] = []  # what the About tab should say about how the models run
+        self._stamp = _stamp(root)  # of the manifest this engine's gallery and indexes are
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, root: Path | str, providers: list[str] | None = None) -> Engine:
-        """Check the bundle's format and hashes, open its sessions and indexes."""
+    def load(cls, root: Path | str, providers: list[str] | None = None,
+             gallery: bool = True) -> Engine:
+        """Check the bundle's format and hashes, open its sessions and indexes.
+
+        `gallery=False` opens the models only, with an empty gallery and no indexes, and does not
+        check their files (for `mmdemo.store.repair`)."""
         root = Path(root)
-        manifest = read_manifest(root)
+        with store.bundle_lock(root, exclusive=False):  # no writer sweeps files meanwhile
+            manifest = read_manifest(root, store=gallery)
+            stamp = _stamp(root)
+            parts = _load_store(root, manifest) if gallery else ({}, {}, {})
         sessions, notes = {}, []
         here, stale = cpu_fingerprint(), set()
         for role, info in manifest["models"].items():
@@ -214,16 +240,39 @@ class Engine:
         tokenizer = TextTokenizer.from_file(root / tok["file"], tok["max_length"],
                                             tok["pad_token"])
         spec = PreprocessSpec.from_dict(manifest["preprocess"])
-        engine = cls(root, manifest, sessions, tokenizer, spec, *_load_store(root, manifest))
-        engine.notes = notes
+        engine = cls(root, manifest, sessions, tokenizer, spec, *parts)
+        engine.notes, engine._stamp = notes, stamp
         return engine
 
-    def reload(self) -> None:
-        """Read the gallery and indexes again (another process added or removed images)."""
-        manifest = read_manifest(self.root)
-        indexes, gallery, captions = _load_store(self.root, manifest)
-        self.manifest, self.indexes, self.gallery, self.captions = (manifest, indexes, gallery,
-                                                                    captions)
+    def reload(self, lock: bool = True) -> None:
+        """Read the gallery and indexes again, as the bundle's manifest names them now (another
+        process added or removed images, or a change failed). `lock=False`: the caller holds
+        the bundle's lock already."""
+        with store.bundle_lock(self.root, exclusive=False) if lock else contextlib.nullcontext():
+            stamp = _stamp(self.root)
+            manifest = read_manifest(self.root, known=self.manifest.get("files"))
+            indexes, gallery, captions = _load_store(self.root, manifest)
+        # one assignment: a search reads either the old state or the new one
+        self.manifest, self.indexes, self.gallery, self.captions, self._stamp = (
+            manifest, indexes, gallery, captions, stamp)
+
+    def published(self, manifest: dict) -> None:
+        """This engine wrote `manifest` (mmdemo.store): its state is the bundle's own."""
+        self.manifest, self._stamp = manifest, _stamp(self.root)
+
+    def refresh(self) -> bool:
+        """Reload if another process (the CLI, a second app) changed the bundle since this
+        engine read it: one stat of the manifest per call. Skipped while this process is
+        writing (the writer reloads first anyway). Returns whether it reloaded."""
+        if _stamp(self.root) == self._stamp or not self.write_lock.acquire(blocking=False):
+            return False
+        try:
+            if _stamp(self.root) == self._stamp:
+                return False
+            self.reload()
+            return True
+        finally:
+            self.write_lock.release()
 
     @property
     def providers(self) -> dict[str, str]:
@@ -240,7 +289,11 @@ class Engine:
         """float32 (N, D), L2-normalised, from PIL images or uint8 arrays."""
         if not images:
             raise ValueError("no images given")
-        x = preprocess(images, self.spec)
+        return self.encode_preprocessed(preprocess(images, self.spec))
+
+    def encode_preprocessed(self, x: np.ndarray) -> np.ndarray:
+        """float32 (N, 3, S, S) from `mmdemo.preprocess.preprocess` -> float32 (N, D),
+        L2-normalised."""
         return self.sessions["image_encoder"].run(None, {"image": x})[0]
 
     def read_text(self, text: str) -> tuple[str, list[str]]:
@@ -262,6 +315,7 @@ class Engine:
     # ------------------------------------------------------------------ search
 
     def _image_hits(self, q: np.ndarray, k: int) -> list[ImageHit]:
+        self.refresh()
         ids, scores = self.indexes["images"].search(q, _check_k(k))
         hits = []
         for i, s in zip(ids[0], scores[0]):
@@ -281,6 +335,7 @@ class Engine:
 
     def search_captions(self, image, k: int = 10) -> list[CaptionHit]:
         """Gallery captions that best describe an image."""
+        self.refresh()
         ids, scores = self.indexes["captions"].search(self.encode_images([image]), _check_k(k))
         return [CaptionHit(int(i), float(s), *self.captions[int(i)])
                 for i, s in zip(ids[0], scores[0]) if int(i) in self.captions]
@@ -297,7 +352,8 @@ class Engine:
     # ------------------------------------------------------------------ your own images
 
     def add_images(self, images: list, captions: list[list[str]] | None = None,
-                   names: list[str] | None = None, progress=None):
+                   names: list[str] | None = None, progress=None,
+                   limits: store.Limits | None = None):
         """Add images (file paths, bytes, PIL images or arrays), each with optional captions, to
         the gallery and both indexes; searchable at once and saved in the bundle. Returns
         `mmdemo.store.Added` (the new ids, and what was skipped and why). `progress(done,
@@ -318,15 +374,19 @@ class Engine:
                 to_pil(img).save(buf, "PNG")
                 name, data = names[n] if names else f"image {n + 1}", buf.getvalue()
             uploads.append(store.Upload(name, data, caps))
-        added = store.add(self, uploads, progress)
+        added = store.add(self, uploads, progress, limits=limits)
         added.skipped = skipped + added.skipped
         return added
 
-    def remove_images(self, ids: list[int]) -> list[int]:
-        """Take gallery items out of the indexes and the gallery; saved in the bundle."""
-        return store.remove(self, ids)
+    def remove_images(self, ids: list[int], owned: set[int] | None = None,
+                      shipped: bool = False) -> list[int]:
+        """Take gallery items out of the indexes and the gallery; saved in the bundle. Only
+        images users added, unless `shipped`; only those in `owned`, where given (see
+        `mmdemo.store.remove`)."""
+        return store.remove(self, ids, owned=owned, shipped=shipped)
 
     def gallery_image(self, item_id: int) -> Image.Image:
+        self.refresh()
         if item_id not in self.gallery:
             raise KeyError(f"no gallery item with id {item_id}")
         return Image.open(self.root / self.gallery[item_id]["file"]).convert("RGB")
@@ -362,6 +422,7 @@ class Engine:
         x = preprocess([image], self.spec)
         hyp = cap.decode(x, method, int(width), top_p, temperature, max_length, seed=seed)[0]
         text = self.tokenizer.decode([hyp.tokens])[0]
+        self.refresh()
         ids, scores = self.indexes["captions"].search(self.encode_images([image]), 2)
         nearest = [CaptionHit(int(i), float(s), *self.captions[int(i)])
                    for i, s in zip(ids[0], scores[0]) if int(i) in self.captions]

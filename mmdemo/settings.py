@@ -50,3 +50,10 @@ INDEX_EF = _int("MMDEMO_INDEX_EF", 200)
 # The image encoder embeds 3,260 images/s at batch 32 against ~2,100/s one at a time
 # (0.48 ms each), and 32 images bound what one upload holds in memory at once.
 ENCODE_BATCH = _int("MMDEMO_ENCODE_BATCH", 32)
+
+# What one upload to the app may add ($MMDEMO_REQUEST_IMAGES, $MMDEMO_REQUEST_MEGAPIXELS; the
+# CLI has no such limit). Images are decoded one at a time, so these bound an upload's time,
+# not its memory: 1000 shapes-sized images take ~15 s, and 400 megapixels (ten 40-megapixel
+# photos, the most one image may have) ~10-20 s of decoding here.
+REQUEST_IMAGES = _int("MMDEMO_REQUEST_IMAGES", 1000)
+REQUEST_MEGAPIXELS = _int("MMDEMO_REQUEST_MEGAPIXELS", 400)

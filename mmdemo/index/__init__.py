@@ -35,23 +35,50 @@ class VectorIndex:
         """Items that searches can return (removed ones excluded)."""
         return self._index.get_current_count() - len(self.deleted)
 
+    def labels(self) -> set[int]:
+        """Every id the index has held, removed ones included (hnswlib keeps them as deleted
+        elements, so such an id can never be added again)."""
+        with self._lock:
+            return {int(i) for i in self._index.get_ids_list()}
+
+    def live_ids(self) -> set[int]:
+        """The ids searches can return."""
+        return self.labels() - self.deleted
+
+    def vectors(self, ids: list[int]) -> np.ndarray:
+        """float32 (N, dim): the stored vectors of live ids (for repairing a bundle)."""
+        with self._lock:
+            return np.asarray(self._index.get_items([int(i) for i in ids]), dtype=np.float32)
+
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        """Add float32 (N, dim) unit vectors under int ids (N,)."""
+        """Add float32 (N, dim) unit vectors under int ids (N,) that the index never held.
+
+        Capacity grows as needed; hnswlib counts removed elements against it, since they stay
+        in the graph as deleted.
+        """
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         ids = np.asarray(ids, dtype=np.int64)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"vectors have shape {vectors.shape}; expected (N, {self.dim})")
         if ids.shape != (len(vectors),):
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+        if len(set(ids.tolist())) != len(ids):
+            raise ValueError("the same id is given twice")
         with self._lock:
-            need = len(self) + len(vectors)
+            held = set(self._index.get_ids_list()) & set(ids.tolist())
+            if held:
+                raise ValueError(f"ids the index already holds (or held): {sorted(held)[:10]}")
+            need = self._index.get_current_count() + len(vectors)
             if need > self._index.get_max_elements():
                 self._index.resize_index(max(need, 2 * self._index.get_max_elements()))
             self._index.add_items(vectors, ids)
 
     def remove(self, ids) -> None:
-        """Take ids out of search results (hnswlib's mark_deleted); unknown ids are a KeyError."""
+        """Take ids out of search results (hnswlib's mark_deleted); unknown, removed or
+        repeated ids are a KeyError, and then nothing is removed."""
         ids = [int(i) for i in ids]
+        if len(set(ids)) != len(ids):
+            raise KeyError("the same id is given twice")
         with self._lock:
             known = set(self._index.get_ids_list()) - self.deleted
             missing = [i for i in ids if i not in known]
