@@ -188,14 +188,19 @@ def test_bad_input_through_gradio(app, tmp_path):
     added, note = client.predict([handle_file(str(p)) for p, _ in images.values()],
                                  api_name="/add_images")
     readable = [n for n, (_, expect) in images.items() if expect == OK]
-    assert len(added) == len(readable) and f"Added {len(readable)} image(s)" in note
+    # some are the same pixels as another (the 16-bit PNG is the gray one, 257 times over):
+    # those are reported with the id that holds them
+    same = [n for n in readable if re.search(rf"{re.escape(n)}`: is already in the gallery "
+                                             r"as id \d+", note)]
+    assert len(added) == len(readable) - len(same) and f"Added {len(added)} image(s)" in note
+    assert "16bit.png" in same, note
     for name, (_, expect) in images.items():
         rows.append({"endpoint": "add_images", "input": name,
                      "error": None if expect == OK else note})
         if expect != OK:
             line = next(x for x in note.splitlines() if name in x)
             assert re.search(expect, line), (name, line)
-    for ids, expect in (("abc", "Type the ids"), ("", "Type the ids"),
+    for ids, expect in (("abc", "'abc' is not a gallery id"), ("", "Type the ids"),
                         ("99999999", "no gallery item with id 99999999")):
         _, error, _ = call(client, ids, api_name="/remove_images")
         rows.append({"endpoint": "remove_images", "input": repr(ids), "error": error})
