@@ -19,7 +19,6 @@ import io
 import json
 import os
 import unicodedata
-import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from PIL import Image
 
 from mmdemo import settings
 from mmdemo.bundle import MANIFEST, THUMBNAIL, BundleError, fsync_path, sha256_file
-from mmdemo.preprocess import ImageError, open_image, preprocess
+from mmdemo.preprocess import ImageError, declared_size, open_image, preprocess
 
 if TYPE_CHECKING:
     from mmdemo.engine import Engine
@@ -326,17 +325,14 @@ def _clean_captions(engine: Engine, captions: list[str]) -> list[str]:
     return out
 
 
-def _declared_pixels(data: bytes) -> int:
-    """Width × height from an image file's header, without decoding it; 0 where the header
-    cannot be read (open_image then says what is wrong with the file)."""
+def _declared_pixels(data: bytes, name: str) -> int:
+    """Width × height from an image file's header, without decoding it; 0 where open_image,
+    next, refuses the file anyway (and says why)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as im:
-                return int(im.size[0]) * int(im.size[1])
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError,
-            Image.DecompressionBombError):
+        w, h = declared_size(data, name)
+    except ImageError:
         return 0
+    return w * h
 
 
 def _pixel_hash(image: Image.Image) -> str:
@@ -437,7 +433,7 @@ def add(engine: Engine, uploads: list[Upload],
                 for up in uploads[start:start + batch]:
                     try:
                         data = up.load()
-                        px = _declared_pixels(data)
+                        px = _declared_pixels(data, up.name)
                         if limits.pixels is not None and pixels + px > limits.pixels:
                             raise StoreError(f"would pass the {limits.pixels / 1e6:.0f} "
                                              "megapixels one upload may add; add it in another")

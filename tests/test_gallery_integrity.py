@@ -21,7 +21,7 @@ from PIL import Image, PngImagePlugin
 
 from mmdemo import BundleError, Engine, store
 from mmdemo.index.__main__ import main as index_main
-from tests.conftest import ROOT, copy_bundle
+from tests.conftest import ROOT, copy_bundle, serve_app
 from tests.report import record
 
 pytestmark = pytest.mark.slow
@@ -293,3 +293,26 @@ def test_cli_messages_have_no_traceback(bundle, tmp_path):
                        (("99999999",), "no gallery item")]:
         r = _cli("remove", "--bundle", str(bundle), *args)
         assert r.returncode == 2 and want in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_on_a_shared_app_visitors_remove_only_their_own(tiny_bundle, tmp_path):
+    """A Space with writes allowed (SPACE_ID set, MMDEMO_READ_ONLY=0): one visitor cannot
+    remove another's images or the bundle's own; a visitor removes their own."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    shipped = min(Engine.load(bundle).gallery)
+    (tmp_path / "mine.png").write_bytes(_png(1))
+    with serve_app(bundle, tmp_path / "app", env={"SPACE_ID": "mmdemo/test",
+                                                  "MMDEMO_READ_ONLY": "0"}) as (url, _, _):
+        alice, bob = Client(url, verbose=False), Client(url, verbose=False)
+        added, _ = alice.predict([handle_file(str(tmp_path / "mine.png"))],
+                                 api_name="/add_images")
+        mine = int(added[0]["caption"].split(" ")[0].lstrip("#"))
+        for who, ids, want in ((bob, mine, "not added in this session"),
+                               (alice, shipped, "one of the bundle's own images")):
+            with pytest.raises(AppError, match=want):
+                who.predict(str(ids), api_name="/remove_images")
+        assert "Removed 1 item" in alice.predict(str(mine), api_name="/remove_images")
+    assert_consistent(bundle, set())
