@@ -24,8 +24,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import gradio as gr  # noqa: E402
+from gradio.route_utils import FnIndexInferError  # noqa: E402
 
-from mmdemo import BundleError, Engine, settings, store  # noqa: E402
+from mmdemo import BundleError, Engine, settings, store, webguard  # noqa: E402
 from mmdemo.hub import HubError, resolve_bundle  # noqa: E402
 from mmdemo.preprocess import ImageError, open_image  # noqa: E402
 
@@ -55,6 +56,7 @@ MAX_UPLOAD = "20mb"  # Gradio refuses larger uploads before any handler runs
 _shared = bool(os.environ.get("SPACE_ID"))
 _owned: dict[str, set[int]] = {}  # session -> the gallery ids it added
 _owned_lock = threading.Lock()
+SHOWN = 48  # added images (and skipped files) an add shows; Gradio copies each shown image
 
 
 def load_engine() -> Engine:
@@ -81,7 +83,7 @@ def _friendly(fn):
             return fn(*args, **kwargs)
         except gr.Error:
             raise  # already a message for the page (and a ValueError in this Gradio)
-        except (ValueError, TypeError, KeyError, OSError) as e:
+        except (ValueError, TypeError, KeyError, OSError, BundleError) as e:
             raise gr.Error(str(e.args[0]) if e.args else str(e)) from None
 
     return wrapper
@@ -269,9 +271,11 @@ def add_images(files, request: gr.Request = None, progress=gr.Progress()):  # no
     lines = [f"**Added {len(added.ids)} image(s)** (ids {added.ids[0]}–{added.ids[-1]}); the "
              f"gallery now holds {len(e.gallery)}. Search for them in the other tabs."
              if added.ids else "**Nothing was added.**"]
-    lines += [f"- skipped `{name}`: {why}" for name, why in skipped]
+    lines += [f"- skipped `{name}`: {why}" for name, why in skipped[:SHOWN]]
+    if len(skipped) > SHOWN:
+        lines.append(f"- and {len(skipped) - SHOWN} more skipped")
     items = [(str(e.root / e.gallery[i]["file"]), f"#{i} · {e.gallery[i]['source']}")
-             for i in added.ids]
+             for i in added.ids[:SHOWN] if i in e.gallery]
     return items, "\n".join(lines)
 
 
@@ -450,7 +454,8 @@ def _fusion_examples(info: dict) -> list[list]:
 
 def build_demo() -> gr.Blocks:
     k_default = 12
-    with gr.Blocks(title="mmdemo") as demo:
+    # uploads nobody used go after $MMDEMO_UPLOAD_TTL seconds (1 hour), swept every 10 minutes
+    with gr.Blocks(title="mmdemo", delete_cache=webguard.upload_cache_ttl()) as demo:
         gr.Markdown("# mmdemo\nA joint image–text space, exported to ONNX and searched with "
                     "hnswlib. Click any result to search with it.")
         with gr.Tabs():
@@ -643,6 +648,17 @@ def ensure_bundle(path: Path, rebuild: bool, preset: str = "default") -> None:
     build_default_bundle(path, work, preset=preset)
 
 
+async def no_such_endpoint(request, exc):
+    """An API call to an endpoint this app does not have (add_images on a read-only app, a
+    typo): a 404 that says so, not Gradio's 500 and a traceback in the log."""
+    from starlette.responses import JSONResponse
+
+    name = request.path_params.get("api_name") or request.url.path.rstrip("/").rsplit("/")[-1]
+    why = (" (this app is read-only: it was started with --read-only)"
+           if _read_only and name in ("add_images", "remove_images") else "")
+    return JSONResponse({"error": f"this app has no endpoint {name!r}{why}"}, status_code=404)
+
+
 def parse_auth(value: str | None) -> tuple[str, str] | None:
     """'user:password' -> (user, password); None or '' -> None (no login)."""
     if not value:
@@ -710,8 +726,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"serving {args.bundle} on {engine.provider}", flush=True)
     demo.queue(default_concurrency_limit=settings.CONCURRENCY,
                max_size=settings.QUEUE_SIZE).launch(
-        server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-        auth=auth, max_file_size=MAX_UPLOAD,
+        # show_error=False: messages the handlers give (gr.Error) still reach the page; the text
+        # of anything else, a library's internals or a server path, does not
+        server_name=args.host, server_port=args.port, share=args.share, show_error=False,
+        auth=webguard.throttled_auth(*auth) if auth else None, max_file_size=MAX_UPLOAD,
+        app_kwargs={**webguard.guarded_app_kwargs(MAX_UPLOAD, files_per_upload=10),
+                    "exception_handlers": {FnIndexInferError: no_such_endpoint}},
         allowed_paths=[str(args.bundle.resolve() / "gallery"), str(EXAMPLES)])
 
 

@@ -238,7 +238,10 @@ def _from_zip(path: Path, name: str | None = None) -> Iterator[Upload | tuple[st
             continue
         side = texts.get(Path(info.filename).with_suffix("").as_posix())
         up = Upload(member, reader=_zip_reader(zf, info, MAX_FILE_BYTES))
-        if side is not None:
+        if side is not None and side.file_size > MAX_CAPTION_FILE_BYTES:
+            yield (f"{name}:{printable(side.filename)}", f"is over {MAX_CAPTION_FILE_BYTES >> 10}"
+                   " KB; a caption file holds a few lines of text")
+        elif side is not None:
             side_read = _zip_reader(zf, side, MAX_CAPTION_FILE_BYTES)
             up.caption_reader = lambda r=side_read, n=side.filename: read_caption_file(r(), n)
         yield up

@@ -316,3 +316,23 @@ def test_on_a_shared_app_visitors_remove_only_their_own(tiny_bundle, tmp_path):
                 who.predict(str(ids), api_name="/remove_images")
         assert "Removed 1 item" in alice.predict(str(mine), api_name="/remove_images")
     assert_consistent(bundle, set())
+
+
+def test_a_read_only_app_answers_writes_with_a_message(tiny_bundle, tmp_path):
+    """add_images / remove_images on a --read-only app: once HTTP 500 and a traceback in the
+    log; now a 404 that says why. The bundle is untouched."""
+    import urllib.error
+    import urllib.request
+
+    before = (tiny_bundle / "manifest.json").read_bytes()
+    with serve_app(tiny_bundle, tmp_path, ("--read-only",)) as (url, log, _):
+        for name in ("add_images", "remove_images"):
+            req = urllib.request.Request(url + f"gradio_api/call/{name}", method="POST",
+                                         data=json.dumps({"data": [[]]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(req, timeout=30)
+            assert err.value.code == 404
+            assert "read-only" in json.loads(err.value.read())["error"]
+        assert "Traceback" not in log.read_text()
+    assert (tiny_bundle / "manifest.json").read_bytes() == before
