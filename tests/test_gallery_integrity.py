@@ -336,3 +336,47 @@ def test_a_read_only_app_answers_writes_with_a_message(tiny_bundle, tmp_path):
             assert "read-only" in json.loads(err.value.read())["error"]
         assert "Traceback" not in log.read_text()
     assert (tiny_bundle / "manifest.json").read_bytes() == before
+
+
+def test_odd_zips_and_caption_files_get_a_reason_each(bundle, tmp_path):
+    """Nested and image-less zips, names with a newline or not UTF-8, encrypted-looking junk,
+    caption files in UTF-16 or binary, a JSONL caption given as a string: each is named with
+    why, the good images still go in, and `list` prints one line per item."""
+    with zipfile.ZipFile(tmp_path / "inner.zip", "w") as zf:
+        zf.writestr("x.png", _png(1))
+    with zipfile.ZipFile(tmp_path / "odd.zip", "w") as zf:
+        zf.write(tmp_path / "inner.zip", "inner.zip")
+        zf.writestr("evil\nname.png", _png(2))
+        zf.writestr("good.png", _png(3))
+        zf.writestr("utf16.png", _png(4))
+        zf.writestr("utf16.txt", "a red circle\n".encode("utf-16"))
+        zf.writestr("binary.png", _png(5))
+        zf.writestr("binary.txt", b"\x00\x01a caption\x02\x7f")  # UTF-8, not text
+    with zipfile.ZipFile(tmp_path / "empty.zip", "w") as zf:
+        zf.writestr("readme.md", "no images here")
+    with zipfile.ZipFile(tmp_path / "badname.zip", "w") as zf:
+        zf.writestr("café.png", _png(6))  # flagged "names are UTF-8" ...
+    raw = (tmp_path / "badname.zip").read_bytes().replace("é".encode(), b"\xff\xfe")  # not
+    (tmp_path / "badname.zip").write_bytes(raw)
+    (tmp_path / "notazip.zip").write_bytes(b"PK\x03\x04 this is not a zip")
+    (tmp_path / "caps.jsonl").write_text(json.dumps({"file": "good.png",
+                                                     "captions": "a string"}) + "\n")
+    with pytest.raises(store.StoreError, match="line 1: 'captions' must be a list of strings"):
+        store.collect([tmp_path / "odd.zip"], tmp_path / "caps.jsonl")
+    paths = [tmp_path / n for n in ("odd.zip", "empty.zip", "badname.zip", "notazip.zip")]
+    uploads, skipped = store.collect(paths)
+    e = Engine.load(bundle)
+    added = store.add(e, uploads)
+    why = dict(skipped + added.skipped)
+    assert "zip inside the zip" in why["odd.zip:inner.zip"]
+    assert "control characters in its name" in why["odd.zip:evil?name.png"]
+    assert "not UTF-8 text" in why["the captions of odd.zip:utf16.png"]
+    assert "binary data" in why["the captions of odd.zip:binary.png"]
+    assert "holds no image files" in why["empty.zip"]
+    assert "not valid UTF-8" in why["badname.zip"]
+    assert "not a zip file that can be read" in why["notazip.zip"]
+    assert len(added.ids) == 3  # good, utf16 and binary: the images, without those captions
+    assert all(not e.gallery[i]["captions"] for i in added.ids)
+    assert all("\n" not in msg and str(tmp_path) not in msg for msg in why.values())
+    assert index_main(["list", "--bundle", str(bundle), "--added"]) == 0
+    assert_consistent(bundle, set(added.ids))
