@@ -53,7 +53,7 @@ ENCODE_BATCH = _int("MMDEMO_ENCODE_BATCH", 32)
 
 # What one upload to the app may add ($MMDEMO_REQUEST_IMAGES, $MMDEMO_REQUEST_MEGAPIXELS; the
 # CLI has no such limit). Images are decoded one at a time, so these bound an upload's time,
-# not its memory (reports/reliability.json, upload_limits: 1000 small images in 5.4 s, ten
-# 40-megapixel PNGs, the most one image may have, in 4.8 s, each within +84 MB).
+# not its memory (reports/reliability.json, upload_limits: 1000 small images in 5.1 s, ten
+# 40-megapixel PNGs, the most one image may have, in 4.8 s, within +85 MB of memory).
 REQUEST_IMAGES = _int("MMDEMO_REQUEST_IMAGES", 1000)
 REQUEST_MEGAPIXELS = _int("MMDEMO_REQUEST_MEGAPIXELS", 400)

@@ -73,6 +73,8 @@ def test_remove_then_add_grows_the_index(bundle):
     fresh = assert_consistent(bundle, set(one + many))
     assert not set(shipped) & set(fresh.gallery)
     assert fresh.search_by_image(_png(105), 1)[0].id == many[5]
+    record("remove_then_add", {"removed": 3, "then_added": 41, "bundle_loads": True,
+                               "index_capacity": e.indexes["images"]._index.get_max_elements()})
 
 
 def test_ids_are_never_given_twice(bundle):
@@ -87,6 +89,8 @@ def test_ids_are_never_given_twice(bundle):
     assert json.loads((bundle / "manifest.json").read_text())["gallery"]["next_id"] == \
         third[0] + 1
     assert_consistent(bundle, set(third))
+    record("add_remove_add", {"ids_given": [first[0], second[0], third[0]],
+                              "all_different": True, "bundle_loads": True})
 
 
 def test_bad_ids_are_refused_without_side_effects(bundle):
@@ -115,7 +119,8 @@ def test_bad_ids_are_refused_without_side_effects(bundle):
     e.remove_images([mine[0]])  # and it still goes, once asked right
     later = e.add_images([_png(3)], names=["c.png"]).ids
     assert_consistent(bundle, set(later))
-    record("bad_ids", {"cases": len(cases), "refused_without_change": len(cases)})
+    record("bad_ids", {"tried": len(cases), "refused_without_change": len(cases),
+                       "typed": list(cases)[:9]})
 
 
 def _ztxt_png(seed: int) -> bytes:
@@ -145,6 +150,8 @@ def test_a_bad_file_in_a_zip_is_skipped_and_the_rest_added(bundle, tmp_path):
     more = e.add_images([_png(200)], names=["next.png"]).ids  # the next add keeps them all
     fresh = assert_consistent(bundle, set(added.ids + more))
     assert fresh.search_by_image(_png(20), 1)[0].id == added.ids[10]
+    record("zip_with_a_bad_member", {"good": 33, "added": len(added.ids), "skipped": 1,
+                                     "reason": why, "thumbnails_after_next_add": 34})
 
 
 def test_a_failed_add_leaves_nothing_behind(bundle):
@@ -167,6 +174,8 @@ def test_a_failed_add_leaves_nothing_behind(bundle):
     assert sorted(p.name for p in (bundle / "gallery").iterdir()) == files
     ok = e.add_images([_png(1)], names=["p1.png"]).ids
     assert_consistent(bundle, set(ok))
+    record("failed_add", {"uploads": 12, "cancelled_after": 4, "left_in_memory": 0,
+                          "left_on_disk": 0, "manifest_unchanged": True})
 
 
 def test_the_same_image_is_reported_with_its_id(bundle):
@@ -198,6 +207,8 @@ def test_a_running_engine_sees_what_the_cli_changed(bundle, tmp_path):
     top = app.search_by_image(tmp_path / "new.png", 1)[0]
     assert top.id not in mine and app.gallery[top.id]["source"] == "new.png"
     assert_consistent(bundle, {mine[1], top.id})
+    record("cli_beside_a_running_app", {"cli_removed": 1, "cli_added": 1,
+                                        "seen_without_restart": True})
 
 
 def test_threads_and_a_second_process_writing_at_once(bundle, tmp_path):
@@ -280,6 +291,8 @@ def test_a_bundle_whose_parts_disagree_is_named_and_repaired(bundle, capsys):
     assert later[0] > ids[2]
     assert index_main(["repair", "--bundle", str(bundle)]) == 0
     assert "nothing to repair" in capsys.readouterr().out
+    record("repair", {"refused_at_load": True, "items_kept": 2, "dropped_missing_thumbnail": 1,
+                      "embedded_again": 1, "ids_kept": True})
 
 
 def test_cli_messages_have_no_traceback(bundle, tmp_path):
@@ -316,6 +329,8 @@ def test_on_a_shared_app_visitors_remove_only_their_own(tiny_bundle, tmp_path):
                 who.predict(str(ids), api_name="/remove_images")
         assert "Removed 1 item" in alice.predict(str(mine), api_name="/remove_images")
     assert_consistent(bundle, set())
+    record("shared_app_removals", {"other_visitor_refused": True, "shipped_refused": True,
+                                   "own_removed": True})
 
 
 def test_a_read_only_app_answers_writes_with_a_message(tiny_bundle, tmp_path):
@@ -336,6 +351,7 @@ def test_a_read_only_app_answers_writes_with_a_message(tiny_bundle, tmp_path):
             assert "read-only" in json.loads(err.value.read())["error"]
         assert "Traceback" not in log.read_text()
     assert (tiny_bundle / "manifest.json").read_bytes() == before
+    record("read_only_writes", {"endpoints": ["add_images", "remove_images"], "http": 404})
 
 
 def test_odd_zips_and_caption_files_get_a_reason_each(bundle, tmp_path):
@@ -380,3 +396,6 @@ def test_odd_zips_and_caption_files_get_a_reason_each(bundle, tmp_path):
     assert all("\n" not in msg and str(tmp_path) not in msg for msg in why.values())
     assert index_main(["list", "--bundle", str(bundle), "--added"]) == 0
     assert_consistent(bundle, set(added.ids))
+    record("odd_zips_and_caption_files", {"cases": [{"input": k, "answer": v}
+                                                    for k, v in sorted(why.items())],
+                                          "images_added": len(added.ids)})

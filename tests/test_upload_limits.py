@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import copy_bundle, serve_app
+from tests.conftest import ROOT, copy_bundle, serve_app
 from tests.report import record
 
 pytestmark = pytest.mark.slow
@@ -196,6 +196,21 @@ def test_uploads_run_in_bounded_memory_and_time(tiny_bundle, tmp_path):
             time.perf_counter() - t0, 1), "answer": f"HTTP {status}"})
         print(rows[-1], flush=True)
         assert status == 413, status
+
+        # a path the client never uploaded: refused without naming the server's folders
+        req = urllib.request.Request(url + "gradio_api/call/add_images", method="POST",
+                                     data=json.dumps({"data": [[{"path": "app.py", "meta": {
+                                         "_type": "gradio.FileData"}}]]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            event = json.loads(r.read())["event_id"]
+        with urllib.request.urlopen(url + f"gradio_api/call/add_images/{event}",
+                                    timeout=60) as r:
+            body = r.read().decode()
+        assert "event: error" in body and str(ROOT) not in body and "/" not in body.split(
+            "data:", 1)[1], body
+        rows.append({"input": "a server path given as an upload", "peak_growth_mb": 0,
+                     "seconds": 0, "answer": "refused; no server path in the answer"})
 
         # eight worst cases at once: the 16-bit 40 MP PNG to the search and add endpoints
         from gradio_client import handle_file
