@@ -140,7 +140,10 @@ def test_generator_meets_the_targets(served):
     g = m["metrics"]["generator"]
     for key, floor in GENERATOR_FLOORS.items():
         assert g[key] >= floor, f"{key} = {g[key]:.3f} < {floor}"
-    assert g["r_precision_real_images"] >= g["r_precision"]
+    # Drawn images may match their prompts about as well as the real ones do, not far better
+    # (that would mean the generator games the encoders): two fresh builds of the same code
+    # gave 0.844 against 0.851 and 0.856 against 0.831, so "never above" was not an invariant.
+    assert g["r_precision"] <= g["r_precision_real_images"] + 0.05, g
     assert g["parity"]["max_abs_diff"] < 1e-4
 
 
