@@ -154,6 +154,7 @@ def test_bf16_autocast_trains_on_cpu(tiny_data, tmp_path):
         bf16 = _losses(main([*args, "--out", str(tmp_path / "bf16"), "--precision", "bf16"]))[0]
     finally:
         torch.set_num_threads(threads)
+    assert bf16 != fp32, "bf16 gave fp32's loss to the last bit: autocast did nothing"
     assert abs(bf16 - fp32) < 0.02 * fp32, (fp32, bf16)
 
 
